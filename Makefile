@@ -1,0 +1,34 @@
+# One command sets everything up and runs the main job; one sets up and runs the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+RUN := runs/bbc-news-houlsby
+
+.PHONY: demo test test-fast setup clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first, pinned to the CPU build; a looser pin pulls several GB of CUDA wheels.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[samples,test]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	$(BIN)/adapterkit train --data bbc-news --adapter houlsby --epochs 2 --max-length 128 \
+		--output $(RUN) --overwrite
+	$(BIN)/adapterkit predict --adapter $(RUN)/adapter \
+		"The central bank raised interest rates as inflation hit a ten-year high." \
+		"The striker scored twice in the second half to win the cup final." \
+		"The new smartphone chip doubles battery life and speeds up machine learning apps."
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,157 @@
+"""adapterkit's own checkpoint format: one folder with a JSON description and safetensors weights.
+
+Files:
+    ``adapterkit_config.json``: format version, adapterkit version, the adapter config, the base
+        model it was trained on, and the head's module names and labels.
+    ``adapterkit_model.safetensors``: the adapter's weights, head included, keyed by their names
+        inside the adapter (``layers.3.feed_forward.down_proj.weight``, ``head.classifier.weight``).
+
+Every file is written to a temporary name in the target folder and renamed into place, so a crash
+never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .config import BottleneckConfig
+
+if TYPE_CHECKING:
+    from .registry import AdapterRegistry
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "adapterkit_config.json"
+WEIGHTS_FILE = "adapterkit_model.safetensors"
+FORMAT_VERSION = 1
+
+
+def write_atomically(path: Path, write: Any) -> None:
+    """Call ``write(temporary_path)``, then rename the temporary file to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _model_description(model: torch.nn.Module) -> dict[str, Any]:
+    config = model.config
+    return {
+        "model_type": getattr(config, "model_type", None),
+        "hidden_size": getattr(config, "hidden_size", None),
+        "num_hidden_layers": getattr(config, "num_hidden_layers", None),
+        "name_or_path": getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None),
+    }
+
+
+def save_adapter(registry: AdapterRegistry, directory: str | os.PathLike, name: str) -> Path:
+    """Write adapter ``name``, its head and labels into ``directory``, and return the folder."""
+    registry.check_names([name])
+    directory = Path(directory)
+    entry = registry.entries[name]
+    modules = registry.modules_of(name)
+    weights = {key: tensor.detach().contiguous().cpu() for key, tensor in modules.state_dict().items()}
+    description = {
+        "format": "adapterkit",
+        "format_version": FORMAT_VERSION,
+        "adapterkit_version": __version__,
+        "name": name,
+        "config": entry.config.to_dict(),
+        "base_model": _model_description(registry.model),
+        "head": {"modules": list(modules["head"].keys()), "labels": entry.labels},
+    }
+    write_atomically(directory / WEIGHTS_FILE, lambda path: save_file(weights, str(path), metadata={"format": "pt"}))
+    write_atomically(directory / CONFIG_FILE,
+                     lambda path: path.write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8"))
+    logger.info("Saved adapter %r to %s", name, directory)
+    return directory
+
+
+def read_description(directory: str | os.PathLike) -> dict[str, Any]:
+    """Read and check the ``adapterkit_config.json`` of a saved adapter.
+
+    Raises:
+        FileNotFoundError: If the folder or either file is missing.
+        ValueError: If the description is not an adapterkit checkpoint of a known format version.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"No adapter folder at {directory}")
+    for file_name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (directory / file_name).is_file():
+            raise FileNotFoundError(f"{directory} holds no {file_name}; is it a folder written by save_adapter?")
+    description = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+    if description.get("format") != "adapterkit":
+        raise ValueError(f"{directory / CONFIG_FILE} is not an adapterkit checkpoint")
+    if description.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{directory} was written in checkpoint format {description['format_version']} by "
+                         f"adapterkit {description.get('adapterkit_version')}; this adapterkit "
+                         f"({__version__}) reads format {FORMAT_VERSION}. Upgrade adapterkit")
+    return description
+
+
+def check_compatible(registry: AdapterRegistry, description: dict[str, Any], directory: Path) -> None:
+    """Raise ``ValueError`` if the saved adapter was trained on a model of another family or size."""
+    saved = description.get("base_model", {})
+    current = _model_description(registry.model)
+    mismatches = [f"{key}: saved {saved.get(key)!r}, this model {current[key]!r}"
+                  for key in ("model_type", "hidden_size", "num_hidden_layers")
+                  if saved.get(key) is not None and saved.get(key) != current[key]]
+    if mismatches:
+        raise ValueError(f"The adapter in {directory} was trained on another kind of model "
+                         f"({'; '.join(mismatches)}). Load it into a {saved.get('model_type')} model with "
+                         f"hidden size {saved.get('hidden_size')}, such as {saved.get('name_or_path')!r}")
+
+
+def load_adapter(registry: AdapterRegistry, directory: str | os.PathLike, load_as: str | None = None) -> str:
+    """Add the adapter saved in ``directory`` to the model, frozen, and return its name.
+
+    Raises:
+        FileNotFoundError: If the folder or one of its files is missing.
+        ValueError: If the adapter does not fit this model, or its name is taken.
+    """
+    directory = Path(directory)
+    description = read_description(directory)
+    check_compatible(registry, description, directory)
+    name = load_as or description["name"]
+    config = BottleneckConfig.from_dict(description["config"])
+    weights = load_file(str(directory / WEIGHTS_FILE))
+    head_modules = description.get("head", {}).get("modules", [])
+    if sorted(head_modules) != sorted(registry.head_names):
+        raise ValueError(f"The adapter in {directory} has head modules {head_modules}, but this "
+                         f"{type(registry.model).__name__} has {registry.head_names}; load the model with "
+                         "the same task class it was trained with")
+
+    registry.add(name, config)
+    try:
+        labels = description.get("head", {}).get("labels")
+        if labels is not None:
+            entry = registry.entries[name]
+            entry.head_trained = False  # the weights below replace the copied head
+            registry.set_labels(name, labels)
+        modules = registry.modules_of(name)
+        missing, unexpected = modules.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"The weights in {directory / WEIGHTS_FILE} do not match the adapter config: "
+                             f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        modules.requires_grad_(False)
+        registry.entries[name].head_trained = True
+    except BaseException:
+        registry.delete(name)
+        raise
+    logger.info("Loaded adapter %r from %s", name, directory)
+    return name

@@ -1,0 +1,192 @@
+"""``adapterkit.init(model)``: give a transformers model adapterkit's adapter verbs.
+
+``init`` changes the class of the model object to a subclass that adds the verbs below in front of
+the model's own class, so these methods take the place of the PEFT-backed ``add_adapter``,
+``load_adapter`` and friends that transformers defines. The object, its weights and its ``forward``
+stay the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from . import io
+from .architectures import ArchitectureSpec, find_architecture
+from .config import BottleneckConfig, resolve_config
+from .registry import AdapterRegistry
+
+logger = logging.getLogger(__name__)
+
+_ADAPTER_CLASSES: dict[type, type] = {}
+
+
+def _as_names(names: str | Sequence[str] | None) -> list[str]:
+    if names is None:
+        return []
+    if isinstance(names, str):
+        return [names]
+    return list(names)
+
+
+def _restore_adapter_model(base_class: type) -> nn.Module:
+    """Create an empty instance of the adapter class for ``base_class``; pickle fills in its state."""
+    cls = adapter_class(base_class)
+    return cls.__new__(cls)
+
+
+class AdapterModelMixin:
+    """The adapter verbs that ``adapterkit.init`` adds to a model."""
+
+    _adapterkit: AdapterRegistry
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        # The subclass is made at run time, so pickle and deepcopy rebuild it from the base class.
+        return _restore_adapter_model, (self._adapterkit_base_class,), self.__dict__
+
+    # -- managing adapters -----------------------------------------------------------------------
+
+    def add_adapter(self, name: str, config: BottleneckConfig | str | dict | None = None, *,
+                    set_active: bool = False) -> None:
+        """Add a new, frozen bottleneck adapter called ``name``.
+
+        Args:
+            name: Letters, digits, ``_`` and ``-``.
+            config: An ``AdapterConfig``, a preset name (``"houlsby"``, ``"pfeiffer"``, ``"parallel"``),
+                a dict from ``AdapterConfig.to_dict()``, or ``None`` for ``"pfeiffer"``.
+            set_active: Make it the only active adapter.
+
+        Raises:
+            ValueError: If the name is taken or invalid, or the config does not fit this model.
+        """
+        self._adapterkit.add(name, resolve_config(config))
+        if set_active:
+            self.set_active_adapters(name)
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name``: its modules, head and hooks; the model computes as before it was added."""
+        self._adapterkit.delete(name)
+
+    def train_adapter(self, names: str | Sequence[str]) -> None:
+        """Freeze the whole model, then unfreeze adapters ``names`` and their heads, and activate them."""
+        names = _as_names(names)
+        if not names:
+            raise ValueError("train_adapter needs at least one adapter name")
+        self._adapterkit.train(names)
+
+    def set_active_adapters(self, names: str | Sequence[str] | None) -> None:
+        """Run adapters ``names`` in every forward, in order; ``None`` or ``[]`` runs the bare model."""
+        self._adapterkit.set_active(_as_names(names))
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The adapters that run in each forward, in order."""
+        return list(self._adapterkit.active)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Every adapter on the model, in the order they were added."""
+        return list(self._adapterkit.entries)
+
+    def adapter_config(self, name: str) -> BottleneckConfig:
+        """Return the configuration of adapter ``name``."""
+        self._adapterkit.check_names([name])
+        return self._adapterkit.entries[name].config
+
+    def adapter_summary(self, as_dict: bool = False) -> str | list[dict[str, Any]]:
+        """Return a table of each adapter's parameters (total, head, trainable) and status.
+
+        Args:
+            as_dict: Return the rows as dicts instead of a formatted table.
+        """
+        rows = self._adapterkit.summary_rows()
+        if as_dict:
+            return rows
+        header = f"{'name':<20} {'architecture':<12} {'parameters':>11} {'head':>9} {'trainable':>11} {'% base':>7} active"
+        lines = [header, "-" * len(header)]
+        for row in rows:
+            lines.append(f"{row['name']:<20} {row['architecture']:<12} {row['parameters']:>11,} "
+                         f"{row['head_parameters']:>9,} {row['trainable']:>11,} {row['percent_of_base']:>7.2f} "
+                         f"{'yes' if row['active'] else 'no'}")
+        return "\n".join(lines)
+
+    # -- saving and loading ----------------------------------------------------------------------
+
+    def save_adapter(self, directory: str | os.PathLike, name: str) -> Path:
+        """Write adapter ``name`` with its head and labels to ``directory`` (safetensors and JSON)."""
+        return io.save_adapter(self._adapterkit, directory, name)
+
+    def load_adapter(self, directory: str | os.PathLike, load_as: str | None = None, *,
+                     set_active: bool = True) -> str:
+        """Load an adapter written by ``save_adapter``, frozen, and return its name.
+
+        Args:
+            directory: The folder ``save_adapter`` wrote.
+            load_as: Name to give the adapter; the saved name by default.
+            set_active: Make it the only active adapter, so that the next forward uses it.
+        """
+        name = io.load_adapter(self._adapterkit, directory, load_as)
+        if set_active:
+            self.set_active_adapters(name)
+        return name
+
+    # -- training and inference ------------------------------------------------------------------
+
+    def fit(self, train_data: Any, labels: Sequence[Any] | None = None, **kwargs: Any):
+        """Train the trainable adapters; see ``adapterkit.training.trainer.fit`` for the arguments."""
+        from .training.trainer import fit
+
+        return fit(self, train_data, labels, **kwargs)
+
+    def evaluate(self, data: Any, labels: Sequence[Any] | None = None, **kwargs: Any) -> dict[str, Any]:
+        """Return accuracy, macro precision, recall and F1, and the confusion matrix on ``data``."""
+        from .training.trainer import evaluate
+
+        return evaluate(self, data, labels, **kwargs)
+
+    def predict(self, texts: Any, **kwargs: Any):
+        """Return the predicted label and class probabilities for each text."""
+        from .training.trainer import predict
+
+        return predict(self, texts, **kwargs)
+
+
+def adapter_class(base_class: type) -> type:
+    """Return the subclass of ``base_class`` with adapterkit's verbs, made once per base class."""
+    cls = _ADAPTER_CLASSES.get(base_class)
+    if cls is None:
+        cls = type(base_class.__name__, (AdapterModelMixin, base_class), {
+            "__module__": base_class.__module__,
+            "__doc__": base_class.__doc__,
+            "_adapterkit_base_class": base_class,
+        })
+        _ADAPTER_CLASSES[base_class] = cls
+    return cls
+
+
+def init(model: nn.Module, architecture: ArchitectureSpec | None = None) -> nn.Module:
+    """Attach adapterkit to a transformers model and return the same object.
+
+    Args:
+        model: A model as ``from_pretrained`` returns it.
+        architecture: Where the model's blocks and sublayers are; found from ``config.model_type``
+            for the families adapterkit lists.
+
+    Raises:
+        TypeError: If ``model`` is not a transformers model.
+        NotImplementedError: If its family is not listed and no ``architecture`` is given.
+    """
+    if isinstance(model, AdapterModelMixin):
+        return model
+    if not isinstance(model, nn.Module) or not hasattr(model, "config") or not hasattr(model, "base_model"):
+        raise TypeError(f"adapterkit.init expects a transformers PreTrainedModel, not {type(model).__name__}")
+    spec = architecture or find_architecture(model)
+    registry = AdapterRegistry(model, spec)
+    model.__class__ = adapter_class(type(model))
+    model._adapterkit = registry
+    return model

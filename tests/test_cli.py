@@ -1,0 +1,138 @@
+"""The ``adapterkit`` command line, run as a real subprocess on a tiny saved model and real files."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+WORDS = ["good", "great", "fine", "nice", "bad", "awful", "poor", "sad", "the", "day", "film", "food"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny BERT classifier and its tokenizer saved to a folder, as from_pretrained expects."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=37, max_position_embeddings=64)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def reviews_csv(tmp_path) -> Path:
+    rows = ["review,stars"]
+    for i in range(60):
+        rows.append(f"the {'film' if i % 2 else 'food'} was good great nice,positive")
+        rows.append(f"the {'day' if i % 2 else 'food'} was bad awful poor,negative")
+    path = tmp_path / "reviews.csv"
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def run_cli(*arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "adapterkit.cli", "--quiet", *map(str, arguments)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def train(model_dir: Path, data: Path, output: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run_cli("train", "--model", model_dir, "--data", data, "--text-column", "review",
+                   "--label-column", "stars", "--adapter", "pfeiffer", "--epochs", "3",
+                   "--learning-rate", "0.01", "--output", output, *extra)
+
+
+def test_train_writes_run_folder(tiny_model_dir, reviews_csv, tmp_path):
+    output = tmp_path / "run"
+    result = train(tiny_model_dir, reviews_csv, output)
+    assert result.returncode == 0, result.stderr
+    assert (output / "adapter" / "adapterkit_model.safetensors").is_file()
+    assert (output / "training_curves.png").read_bytes().startswith(b"\x89PNG")
+    assert not (output / "checkpoint").exists()
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["accuracy"] >= 0.9, metrics
+    history = json.loads((output / "history.json").read_text())
+    assert history["epochs"][0]["epoch"] == 1
+    assert "accuracy" in result.stdout
+
+
+def test_predict_and_evaluate_after_train(tiny_model_dir, reviews_csv, tmp_path):
+    output = tmp_path / "run"
+    assert train(tiny_model_dir, reviews_csv, output).returncode == 0
+    result = run_cli("predict", "--adapter", output / "adapter", "--model", tiny_model_dir, "--json",
+                     "the food was good great", "the day was awful poor")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [row["label"] for row in rows] == ["positive", "negative"]
+    scored = run_cli("evaluate", "--adapter", output / "adapter", "--model", tiny_model_dir, "--data",
+                     reviews_csv, "--text-column", "review", "--label-column", "stars",
+                     "--output", tmp_path / "metrics.json")
+    assert scored.returncode == 0, scored.stderr
+    assert json.loads((tmp_path / "metrics.json").read_text())["num_examples"] == 120
+
+
+def test_train_missing_column_leaves_no_output(tiny_model_dir, reviews_csv, tmp_path):
+    output = tmp_path / "run"
+    result = run_cli("train", "--model", tiny_model_dir, "--data", reviews_csv, "--text-column", "body",
+                     "--label-column", "stars", "--output", output)
+    assert result.returncode == 2
+    assert "'body'" in result.stderr
+    assert "review" in result.stderr
+    assert not output.exists()
+
+
+def test_train_missing_label_column(tiny_model_dir, reviews_csv, tmp_path):
+    result = run_cli("train", "--model", tiny_model_dir, "--data", reviews_csv, "--text-column", "review",
+                     "--output", tmp_path / "run")
+    assert result.returncode == 2
+    assert "'label'" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_empty_file(tiny_model_dir, tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("", encoding="utf-8")
+    result = run_cli("train", "--model", tiny_model_dir, "--data", empty, "--output", tmp_path / "run")
+    assert result.returncode == 2
+    assert "empty" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_unknown_preset(tiny_model_dir, reviews_csv, tmp_path):
+    result = train(tiny_model_dir, reviews_csv, tmp_path / "run", "--adapter", "nonsense")
+    assert result.returncode == 2
+    assert "'nonsense'" in result.stderr
+    assert "houlsby" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_refuses_finished_output(tiny_model_dir, reviews_csv, tmp_path):
+    output = tmp_path / "run"
+    assert train(tiny_model_dir, reviews_csv, output).returncode == 0
+    again = train(tiny_model_dir, reviews_csv, output)
+    assert again.returncode == 2
+    assert "--overwrite" in again.stderr
+
+
+def test_evaluate_unseen_label(tiny_model_dir, reviews_csv, tmp_path):
+    output = tmp_path / "run"
+    assert train(tiny_model_dir, reviews_csv, output).returncode == 0
+    other = tmp_path / "other.csv"
+    other.write_text("review,stars\nthe film was fine,neutral\n", encoding="utf-8")
+    result = run_cli("evaluate", "--adapter", output / "adapter", "--model", tiny_model_dir, "--data", other,
+                     "--text-column", "review", "--label-column", "stars")
+    assert result.returncode == 2
+    assert "'neutral'" in result.stderr
+
+
+def test_predict_without_texts(tiny_model_dir, tmp_path):
+    result = run_cli("predict", "--adapter", tmp_path, "--model", tiny_model_dir)
+    assert result.returncode == 2
+    assert "No texts" in result.stderr
