@@ -23,8 +23,8 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True,
                         help="data file (.csv, .tsv, .json, .jsonl, .parquet) or offline sample "
                              "(bbc-news, tweet-sentiment)")
-    parser.add_argument("--text-column", default="text", help="column holding the texts (default: text)")
-    parser.add_argument("--label-column", default="label", help="column holding the labels (default: label)")
+    parser.add_argument("--text-column", default="text", help="column that contains the texts (default: text)")
+    parser.add_argument("--label-column", default="label", help="column that contains the labels (default: label)")
     parser.add_argument("--max-length", type=int, default=128, help="truncate texts to this many tokens (default: 128)")
     parser.add_argument("--batch-size", type=int, default=16, help="texts per batch (default: 16)")
 

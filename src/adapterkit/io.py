@@ -144,7 +144,11 @@ def load_adapter(registry: AdapterRegistry, directory: str | os.PathLike, load_a
             entry.head_trained = False  # the weights below replace the copied head
             registry.set_labels(name, labels)
         modules = registry.modules_of(name)
-        missing, unexpected = modules.load_state_dict(weights, strict=False)
+        try:
+            missing, unexpected = modules.load_state_dict(weights, strict=False)
+        except RuntimeError as error:  # shape mismatches raise even with strict=False
+            raise ValueError(f"The weights in {directory / WEIGHTS_FILE} do not match the adapter config: "
+                             f"{error}") from error
         if missing or unexpected:
             raise ValueError(f"The weights in {directory / WEIGHTS_FILE} do not match the adapter config: "
                              f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")

@@ -30,7 +30,7 @@ _BASE_HEAD_KEY = "base_head"
 
 @dataclass
 class AdapterEntry:
-    """What the registry knows about one adapter besides its modules.
+    """The registry record of one adapter, apart from its modules.
 
     Attributes:
         config: The adapter's configuration.
@@ -79,7 +79,7 @@ class AdapterRegistry:
         """The ``nn.ModuleDict`` on the model that owns every adapter module, created on first use."""
         store = self.model._modules.get(STORE_ATTRIBUTE)
         if store is None:
-            store = nn.ModuleDict()
+            store = nn.ModuleDict().train(self.model.training)
             setattr(self.model, STORE_ATTRIBUTE, store)
         return store
 
@@ -197,7 +197,7 @@ class AdapterRegistry:
             if store is not None and _BASE_HEAD_KEY in store:
                 del store[_BASE_HEAD_KEY]
         else:
-            self.store[_BASE_HEAD_KEY] = nn.ModuleDict(self.base_heads)
+            self.store[_BASE_HEAD_KEY] = nn.ModuleDict(self.base_heads).train(self.model.training)
         config = self.model.config
         if labels is None:
             id2label = dict(self.base_labels) or {i: f"LABEL_{i}" for i in range(count_labels(heads))}
@@ -257,8 +257,8 @@ class AdapterRegistry:
 
     def summary_rows(self) -> list[dict[str, Any]]:
         """Return one row per adapter: parameters, share of the base model, active and trainable."""
-        store = self.model._modules.get(STORE_ATTRIBUTE)
-        adapter_ids = {id(p) for p in store.parameters()} if store is not None else set()
+        # The base head counts as base model while it sits in the store behind an active adapter's head.
+        adapter_ids = {id(p) for name in self.entries for p in self.store[store_key(name)].parameters()}
         base_total = sum(p.numel() for p in self.model.parameters() if id(p) not in adapter_ids)
         rows = []
         for name, entry in self.entries.items():

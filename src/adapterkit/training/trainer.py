@@ -154,20 +154,28 @@ def _encode_labels(label_map: LabelMap, labels: list[Any], what: str) -> list[in
     return label_map.encode(labels)
 
 
-def _training_labels(model: nn.Module, name: str, labels: list[Any], replace_head: bool) -> LabelMap:
-    """Choose the label map for training adapter ``name`` and fit its head to it."""
+def _training_labels(model: nn.Module, name: str, labels: list[Any], replace_head: bool,
+                     validation_labels: list[Any] | None = None) -> LabelMap:
+    """Choose the label map for training adapter ``name`` and fit its head to it.
+
+    Every check, including that ``validation_labels`` are all in the chosen map, raises before the
+    head or the adapter's labels change.
+    """
     registry = model._adapterkit
     entry = registry.entries[name]
     data_map = LabelMap.from_labels(labels)
     if len(data_map.labels) < 2:
         raise ValueError(f"The training data has a single label {list(data_map.labels)}; classification needs "
                          "at least two")
-    if entry.labels is not None and not replace_head:
-        known = LabelMap(entry.labels)
-        if set(data_map.labels) <= set(known.labels):
-            return known
-        raise ValueError(f"The head of adapter {name!r} was trained for labels {list(known.labels)}, but the "
+    keep_known = entry.labels is not None and not replace_head
+    label_map = LabelMap(entry.labels) if keep_known else data_map
+    if keep_known and not set(data_map.labels) <= set(label_map.labels):
+        raise ValueError(f"The head of adapter {name!r} was trained for labels {list(label_map.labels)}, but the "
                          f"data has {list(data_map.labels)}. Pass replace_head=True to start a new head")
+    if validation_labels is not None:
+        _encode_labels(label_map, validation_labels, "validation")
+    if keep_known:
+        return label_map
     if replace_head:
         entry.head_trained = False
     registry.set_labels(name, list(data_map.labels))
@@ -280,7 +288,8 @@ def fit(
                                       label_column=label_column, require_labels=True)
     tokenizer = resolve_tokenizer(model, tokenizer)
     # Checks above raise before anything changes; from here on the head may be resized.
-    label_map = _training_labels(model, trainable[-1], raw_labels, replace_head)
+    label_map = _training_labels(model, trainable[-1], raw_labels, replace_head,
+                                 validation[1] if validation is not None else None)
     if validation is not None:
         validation_ids = _encode_labels(label_map, validation[1], "validation")
     label_ids = label_map.encode(raw_labels)
