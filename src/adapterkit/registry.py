@@ -223,11 +223,12 @@ class AdapterRegistry:
         return [n for n in self.entries
                 if any(p.requires_grad for p in self.store[store_key(n)].parameters())]
 
-    def set_labels(self, name: str, labels: list[Any]) -> None:
+    def set_labels(self, name: str, labels: list[Any], *, new_head: bool = False) -> None:
         """Give adapter ``name``'s head the label values ``labels`` (class id i is ``labels[i]``).
 
         A head with another number of outputs is replaced when it was never trained, and otherwise
-        rejected: a trained head is never thrown away silently.
+        rejected, so a trained head is only thrown away on request: ``new_head=True`` always starts
+        a freshly initialised head.
         """
         entry = self.entries[name]
         head = self.store[store_key(name)]["head"]
@@ -235,7 +236,9 @@ class AdapterRegistry:
             raise ValueError(f"{type(self.model).__name__} has no classification head to train labels into; "
                              "load the model with a task class such as AutoModelForSequenceClassification")
         current = count_labels(dict(head.items()))
-        if current != len(labels):
+        if new_head:
+            entry.head_trained = False
+        if current != len(labels) or new_head:
             if entry.head_trained:
                 raise ValueError(
                     f"The head of adapter {name!r} was trained for {current} labels, but the data has "

@@ -176,9 +176,7 @@ def _training_labels(model: nn.Module, name: str, labels: list[Any], replace_hea
         _encode_labels(label_map, validation_labels, "validation")
     if keep_known:
         return label_map
-    if replace_head:
-        entry.head_trained = False
-    registry.set_labels(name, list(data_map.labels))
+    registry.set_labels(name, list(data_map.labels), new_head=replace_head)
     return data_map
 
 
@@ -264,7 +262,7 @@ def fit(
         patience: With validation data, stop after this many epochs without a lower validation
             loss; ``None`` never stops early.
         seed: Seed for shuffling and dropout.
-        replace_head: Start a new head even if the current one was trained on other labels.
+        replace_head: Start a freshly initialised head, even if the current one was trained.
         checkpoint_dir: After every epoch, write the training state here; a later call with the
             same folder and data resumes after the last finished epoch.
         progress: Show a progress bar per epoch.
