@@ -5,20 +5,9 @@ import torch
 from torch.nn import functional
 
 import adapterkit
+from adapter_helpers import compute_logits, randomize_parameters
 from adapterkit import ArchitectureSpec, InputRef, SublayerSpec
 from adapterkit.config import PRESETS
-
-
-@torch.no_grad()
-def compute_logits(model, input_ids):
-    return model(input_ids=input_ids).logits
-
-
-@torch.no_grad()
-def randomize_parameters(module, std=0.1, seed=2):
-    torch.manual_seed(seed)
-    for parameter in module.parameters():
-        torch.nn.init.normal_(parameter, std=std)
 
 
 def modules_with_hooks(model):
