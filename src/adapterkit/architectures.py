@@ -1,4 +1,4 @@
-"""Where adapters go in each model family, as data.
+"""Adapter placement for each model family, as data.
 
 A transformer block has two sublayers, attention and feed-forward. For each, adapterkit needs three
 places, given as module paths relative to one block:
@@ -41,7 +41,7 @@ class SublayerSpec:
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
-    """Where the blocks of one model family are, and the two sublayers inside each block.
+    """Placement of the blocks of one model family and of the two sublayers inside each block.
 
     Attributes:
         layers: Path of the ``nn.ModuleList`` of blocks, relative to ``model.base_model``.

@@ -265,8 +265,8 @@ def run_predict(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"text": text, "label": label, "probability": round(confidence, 4)}))
         else:
-            shown = text if len(text) <= 70 else text[:67] + "..."
-            print(f"{label}\t{confidence:.3f}\t{shown}")
+            preview = text if len(text) <= 70 else text[:67] + "..."
+            print(f"{label}\t{confidence:.3f}\t{preview}")
     return 0
 
 

@@ -17,8 +17,8 @@ def head_module_names(model: nn.Module) -> list[str]:
     """Return the names of the model's top-level children that form its task head.
 
     The head is every direct child outside ``model.base_model`` that owns parameters, except those
-    that share a parameter with the base model: a language-model head tied to the input embeddings
-    belongs to the frozen base, and copying it per adapter would duplicate the vocabulary matrix.
+    that share a parameter with the base model. A language-model head tied to the input embeddings
+    belongs to the frozen base, because copying it per adapter would duplicate the vocabulary matrix.
     """
     base = model.base_model
     if base is model:

@@ -2,8 +2,8 @@
 
 A ``Site`` is one sublayer (attention or feed-forward) of one block. It hooks two modules that the
 architecture description names: the input of a module that carries the block's residual stream,
-and the output of the sublayer. The model's own ``forward`` runs unchanged; only the sublayer
-output is replaced, so the block then adds its residual and applies its layer norm as before.
+and the output of the sublayer. The model's own ``forward`` runs unchanged. Only the sublayer
+output is replaced, and the block then adds its residual and applies its layer norm as before.
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ class Site:
         self.layer_norm = get_submodule(block, spec.layer_norm, family=family) if spec.layer_norm else None
         self.residual_position = spec.residual.position
         self.residual_keyword = spec.residual.keyword
-        # The residual is captured before the sublayer output in the same forward; thread-local so
-        # that two threads running one model do not read each other's tensors.
+        # The residual is captured before the sublayer output in the same forward. The storage is
+        # thread-local, so two threads running one model do not read each other's tensors.
         self._captured = threading.local()
         self._handles = [
             self.residual_module.register_forward_pre_hook(self._capture_residual, with_kwargs=True),

@@ -93,7 +93,7 @@ def read_description(directory: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"No adapter folder at {directory}")
     for file_name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / file_name).is_file():
-            raise FileNotFoundError(f"{directory} holds no {file_name}; is it a folder written by save_adapter?")
+            raise FileNotFoundError(f"{file_name} not found in {directory}; pass a folder written by save_adapter")
     description = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
     if description.get("format") != "adapterkit":
         raise ValueError(f"{directory / CONFIG_FILE} is not an adapterkit checkpoint")

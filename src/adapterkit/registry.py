@@ -1,8 +1,8 @@
 """The registry of adapters on one model: their configs, modules, heads, and which ones are active.
 
-Every adapter parameter lives under ``model.adapterkit["adapter_<name>"]``. That one declaration is
-what freezing, counting, saving and deleting read; nothing finds adapter weights by matching
-substrings of parameter names, so adapter names that are prefixes of each other cannot collide.
+Every adapter parameter lives under ``model.adapterkit["adapter_<name>"]``. Freezing, counting,
+saving and deleting read that one declaration. Nothing matches substrings of parameter names, so
+adapter names that are prefixes of each other cannot collide.
 """
 
 from __future__ import annotations
@@ -246,7 +246,7 @@ class AdapterRegistry:
                 )
             init_std = getattr(self.model.config, "initializer_range", 0.02)
             resize_head(head, current, len(labels), init_std)
-            logger.info("Replaced the head of adapter %r: %d labels instead of %d", name, len(labels), current)
+            logger.info("Resized the head of adapter %r from %d to %d labels", name, current, len(labels))
         entry.labels = list(labels)
         if self.active and self.active[-1] == name:
             self._install_head(name)

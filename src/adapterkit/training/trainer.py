@@ -26,7 +26,7 @@ CHECKPOINT_FILE = "fit_state.pt"
 
 @dataclass
 class History:
-    """What ``fit`` returns: one dict of metrics per epoch.
+    """Per-epoch training metrics, the return value of ``fit``.
 
     Attributes:
         epochs: Per-epoch dicts with ``epoch``, ``train_loss`` and, with validation data,
@@ -49,7 +49,7 @@ class History:
 
 @dataclass
 class Predictions:
-    """What ``predict`` returns.
+    """Predicted labels and class probabilities, the return value of ``predict``.
 
     Attributes:
         labels: The predicted label of each text, as the label values used in training.
@@ -114,8 +114,8 @@ def _tokenize(tokenizer: Any, texts: list[str], max_length: int) -> list[list[in
 def _batches(encoded: list[list[int]], batch_size: int, order: list[int]) -> list[list[int]]:
     """Split ``order`` into batches, grouping texts of similar length to cut padding.
 
-    Each window of 50 batches is sorted by length and cut into batches; the batch order is then
-    shuffled along with ``order``, so training still sees a random sequence of batches.
+    Each window of 50 batches is sorted by length and cut into batches. The caller shuffles the
+    batch order, so training still gets the batches in random order.
     """
     window = batch_size * 50
     batches = []
