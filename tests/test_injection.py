@@ -6,7 +6,7 @@ from torch.nn import functional
 
 import adapterkit
 from adapter_helpers import compute_logits, randomize_parameters
-from adapterkit import ArchitectureSpec, InputRef, SublayerSpec
+from adapterkit import ArchitectureSpec, InputRef, StackSpec, SublayerSpec
 from adapterkit.config import PRESETS
 
 
@@ -59,7 +59,7 @@ def test_adapter_changes_logits(tiny_model, input_ids, family, preset):
     bare = compute_logits(model, input_ids)
     adapterkit.init(model)
     model.add_adapter("task", preset, set_active=True)
-    randomize_parameters(model._adapterkit.modules_of("task")["layers"])
+    randomize_parameters(model._adapterkit.modules_of("task")["methods"]["0"]["layers"])
 
     assert (compute_logits(model, input_ids) - bare).abs().max() > 1e-3
 
@@ -80,7 +80,7 @@ def test_inactive_adapter_keeps_logits(tiny_model, input_ids):
     bare = compute_logits(model, input_ids)
     adapterkit.init(model)
     model.add_adapter("task", "houlsby")
-    randomize_parameters(model._adapterkit.modules_of("task")["layers"])
+    randomize_parameters(model._adapterkit.modules_of("task")["methods"]["0"]["layers"])
 
     assert torch.equal(compute_logits(model, input_ids), bare)
 
@@ -191,8 +191,8 @@ def test_block_output_by_hand(tiny_model, input_ids, preset):
     layer_norm = block.output.LayerNorm
     seen, handles = _capture_feed_forward_site(block)
     model.add_adapter("task", preset, set_active=True)
-    randomize_parameters(model._adapterkit.modules_of("task")["layers"])
-    adapter = model._adapterkit.modules_of("task")["layers"]["0"]["feed_forward"]
+    randomize_parameters(model._adapterkit.modules_of("task")["methods"]["0"]["layers"])
+    adapter = model._adapterkit.modules_of("task")["methods"]["0"]["layers"]["0"]["feed_forward"]
 
     compute_logits(model, input_ids)
     for handle in handles:
@@ -216,8 +216,8 @@ def test_stacked_adapters_run_in_order(tiny_model, input_ids):
     model = adapterkit.init(tiny_model("bert"))
     model.add_adapter("first", "pfeiffer")
     model.add_adapter("second", "pfeiffer")
-    randomize_parameters(model._adapterkit.modules_of("first")["layers"], seed=3)
-    randomize_parameters(model._adapterkit.modules_of("second")["layers"], seed=4)
+    randomize_parameters(model._adapterkit.modules_of("first")["methods"]["0"]["layers"], seed=3)
+    randomize_parameters(model._adapterkit.modules_of("second")["methods"]["0"]["layers"], seed=4)
 
     model.set_active_adapters(["first", "second"])
     forward_order = compute_logits(model, input_ids)
@@ -234,8 +234,8 @@ def test_leave_out_skips_block(tiny_model):
     model = adapterkit.init(tiny_model("bert"))
     model.add_adapter("task", PRESETS["houlsby"].replace(leave_out=(0,)))
 
-    assert list(model._adapterkit.modules_of("task")["layers"]) == ["1"]
-    assert sorted(model._adapterkit.sites) == [(1, "attention"), (1, "feed_forward")]
+    assert list(model._adapterkit.modules_of("task")["methods"]["0"]["layers"]) == ["1"]
+    assert sorted(model._adapterkit.sites) == [("sublayer", 1, "attention"), ("sublayer", 1, "feed_forward")]
 
 
 # -- modes ------------------------------------------------------------------------------------
@@ -244,7 +244,7 @@ def test_leave_out_skips_block(tiny_model):
 def test_eval_mode_kept_after_add(tiny_model, input_ids, family):
     model = adapterkit.init(tiny_model(family))
     model.add_adapter("task", PRESETS["houlsby"].replace(dropout=0.5), set_active=True)
-    randomize_parameters(model._adapterkit.modules_of("task")["layers"])
+    randomize_parameters(model._adapterkit.modules_of("task")["methods"]["0"]["layers"])
 
     assert model.training is False
     assert not [name for name, module in model.named_modules() if module.training]
@@ -254,7 +254,7 @@ def test_eval_mode_kept_after_add(tiny_model, input_ids, family):
 def test_train_mode_applies_adapter_dropout(tiny_model, input_ids):
     model = adapterkit.init(tiny_model("bert"))
     model.add_adapter("task", PRESETS["houlsby"].replace(dropout=0.5), set_active=True)
-    randomize_parameters(model._adapterkit.modules_of("task")["layers"])
+    randomize_parameters(model._adapterkit.modules_of("task")["methods"]["0"]["layers"])
 
     model.train()
     torch.manual_seed(5)
@@ -267,12 +267,12 @@ def test_train_mode_applies_adapter_dropout(tiny_model, input_ids):
 # -- families without a built-in description ---------------------------------------------------
 
 
-GPT_NEOX_SPEC = ArchitectureSpec(
+GPT_NEOX_SPEC = ArchitectureSpec(stacks=(StackSpec(
     layers="layers",
     attention=SublayerSpec(output="post_attention_dropout", residual=InputRef("input_layernorm"), layer_norm=None),
     feed_forward=SublayerSpec(output="post_mlp_dropout", residual=InputRef("post_attention_layernorm"),
                               layer_norm=None),
-)
+),))
 
 
 def test_unknown_family_raises(tiny_model):
@@ -294,24 +294,24 @@ def test_user_spec_works(tiny_model, input_ids, preset):
     adapterkit.init(model, architecture=GPT_NEOX_SPEC)
     model.add_adapter("task", preset)
     model.train_adapter("task")
-    randomize_parameters(model._adapterkit.modules_of("task")["layers"])
+    randomize_parameters(model._adapterkit.modules_of("task")["methods"]["0"]["layers"])
 
     adapted = model(input_ids=input_ids).logits
     adapted.sum().backward()
 
     assert (adapted.detach() - bare).abs().max() > 1e-3
     assert not [name for name, p in bare_parameters.items() if p.grad is not None]
-    assert not [name for name, p in model._adapterkit.modules_of("task")["layers"].named_parameters()
+    assert not [name for name, p in model._adapterkit.modules_of("task")["methods"]["0"]["layers"].named_parameters()
                 if p.grad is None]
 
 
 def test_spec_with_missing_module_raises(tiny_model):
-    spec = ArchitectureSpec(
+    spec = ArchitectureSpec(stacks=(StackSpec(
         layers="encoder.layer",
-        attention=GPT_NEOX_SPEC.attention,
+        attention=GPT_NEOX_SPEC.stacks[0].attention,
         feed_forward=SublayerSpec(output="no_such.dropout", residual=InputRef("output", 1, "input_tensor"),
                                   layer_norm=None),
-    )
+    ),))
     model = adapterkit.init(tiny_model("bert"), architecture=spec)
 
     with pytest.raises(ValueError, match="no_such.dropout"):

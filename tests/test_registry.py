@@ -40,7 +40,7 @@ def test_special_names_train(tiny_model, input_ids, names):
     assert model.training is False
     assert callable(model.forward)
     for name in names:
-        parameters = dict(model._adapterkit.modules_of(name)["layers"].named_parameters())
+        parameters = dict(model._adapterkit.modules_of(name)["methods"]["0"]["layers"].named_parameters())
         assert not [key for key, p in parameters.items() if p.grad is None], name
 
 
@@ -248,7 +248,7 @@ def test_copy_is_independent(tiny_model, input_ids, copy_method):
     original_before = compute_logits(model, input_ids)
     copied = _copy_model(model, copy_method)
 
-    randomize_parameters(copied._adapterkit.modules_of("task")["layers"], seed=7)
+    randomize_parameters(copied._adapterkit.modules_of("task")["methods"]["0"]["layers"], seed=7)
     copied_after = compute_logits(copied, input_ids)
 
     original_ids = {id(p) for p in model.parameters()}

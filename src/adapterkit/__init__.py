@@ -2,8 +2,10 @@
 
 __version__ = "0.1.0"
 
-from .architectures import ARCHITECTURES, ArchitectureSpec, InputRef, SublayerSpec, register_architecture
-from .config import PRESETS, AdapterConfig, BottleneckConfig
+from .architectures import (ARCHITECTURES, ArchitectureSpec, InputRef, LinearRef, StackSpec, SublayerSpec,
+                            register_architecture)
+from .config import (PRESETS, AdapterConfig, BottleneckConfig, ConfigUnion, IA3Config, InvertibleConfig, LoRAConfig,
+                     MethodConfig, PrefixTuningConfig)
 from .model import init
 
 __all__ = [
@@ -12,7 +14,15 @@ __all__ = [
     "AdapterConfig",
     "ArchitectureSpec",
     "BottleneckConfig",
+    "ConfigUnion",
+    "IA3Config",
     "InputRef",
+    "InvertibleConfig",
+    "LinearRef",
+    "LoRAConfig",
+    "MethodConfig",
+    "PrefixTuningConfig",
+    "StackSpec",
     "SublayerSpec",
     "__version__",
     "init",

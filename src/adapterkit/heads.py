@@ -5,9 +5,15 @@ from __future__ import annotations
 import logging
 
 import torch
+import transformers
 from torch import nn
 
+from .architectures import find_base_model
+
 logger = logging.getLogger(__name__)
+
+# Whether from_pretrained keeps the _is_hf_initialized mark on loaded parameters: transformers 5 does, 4.57 loses it.
+_LOADED_PARAMETERS_MARKED = int(transformers.__version__.split(".")[0]) >= 5
 
 # The attribute under which adapterkit stores its modules on the model; never part of the head.
 STORE_ATTRIBUTE = "adapterkit"
@@ -16,17 +22,25 @@ STORE_ATTRIBUTE = "adapterkit"
 def head_module_names(model: nn.Module) -> list[str]:
     """Return the names of the model's top-level children that form its task head.
 
-    The head is every direct child outside ``model.base_model`` that owns parameters, except those
-    that share a parameter with the base model. A language-model head tied to the input embeddings
-    belongs to the frozen base, because copying it per adapter would duplicate the vocabulary matrix.
+    The head is every direct child outside the body (``find_base_model``) that owns parameters, except those
+    that share a parameter with the base model and the output embeddings (the language-model head,
+    tied or not). Those belong to the frozen base, because copying them per adapter would duplicate
+    the vocabulary matrix.
     """
-    base = model.base_model
+    base = find_base_model(model)
     if base is model:
         return []
     base_parameters = {id(p) for p in base.parameters()}
+    try:
+        output_embeddings = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        output_embeddings = None
     names = []
     for name, child in model.named_children():
         if child is base or name == STORE_ATTRIBUTE:
+            continue
+        if child is output_embeddings:
+            # A language-model head is as large as the vocabulary and belongs to the pretrained model.
             continue
         parameters = list(child.parameters())
         if parameters and not any(id(p) in base_parameters for p in parameters):
@@ -34,13 +48,23 @@ def head_module_names(model: nn.Module) -> list[str]:
     return names
 
 
-def is_freshly_initialised(modules: dict[str, nn.Module]) -> bool:
+def is_freshly_initialised(modules: dict[str, nn.Module], model: nn.Module | None = None) -> bool:
     """Return whether no parameter of ``modules`` was loaded from a checkpoint by ``from_pretrained``.
 
-    NOTE: this reads the ``_is_hf_initialized`` mark that transformers 5 sets on every loaded
-    parameter; on versions without it a loaded head also counts as fresh.
+    transformers 5 marks every loaded parameter with ``_is_hf_initialized``. transformers 4.57 sets
+    that mark before loading and then replaces the parameters, so the mark is lost. There the head
+    counts as loaded when the class of ``model`` is in ``model.config.architectures``, the classes
+    that ``save_pretrained`` recorded.
+
+    NOTE: on 4.57 a fresh head also counts as loaded when the config names the model's class, for
+    example after ``from_pretrained(..., ignore_mismatched_sizes=True)`` re-initialised it.
     """
-    return not any(getattr(p, "_is_hf_initialized", False) for m in modules.values() for p in m.parameters())
+    if any(getattr(p, "_is_hf_initialized", False) for m in modules.values() for p in m.parameters()):
+        return False
+    if _LOADED_PARAMETERS_MARKED or model is None:
+        return True
+    architectures = getattr(getattr(model, "config", None), "architectures", None) or []
+    return type(model).__name__ not in architectures
 
 
 def count_labels(modules: dict[str, nn.Module]) -> int:

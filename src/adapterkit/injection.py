@@ -1,118 +1,157 @@
-"""Run adapter modules inside a live model through forward hooks at sublayer boundaries.
+"""Run adapter modules inside a live model through forward hooks.
 
-A ``Site`` is one sublayer (attention or feed-forward) of one block. It hooks two modules that the
-architecture description names: the input of a module that carries the block's residual stream,
-and the output of the sublayer. The model's own ``forward`` runs unchanged. Only the sublayer
-output is replaced, and the block then adds its residual and applies its layer norm as before.
+The model's own ``forward`` runs unchanged. Each ``Site`` hooks one place that an architecture
+description names and, at every forward, asks the registry which adapter modules run there:
+
+- ``SublayerSite``: the output of a sublayer (attention, cross-attention or feed-forward) of one
+  block, for bottleneck adapters in series and in parallel.
+- ``LinearSite``: one linear projection, for LoRA (adds to its output) and (IA)^3 (rescales its
+  output, or its input for the feed-forward output projection).
+- ``PrefixSite``: one attention module, for prefix tuning, through ``prefix_attention``.
+- ``EmbeddingSite`` and ``FinalSite``: the embedding output and the last hidden state, for
+  invertible adapters and the adapter before the head.
+
+Nothing per forward is kept in module globals. What a hook captures during a forward (the residual
+stream, the attention mask) is stored thread-locally on the site and captured again when gradient
+checkpointing recomputes a block, so recomputation sees the same values.
 """
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from .architectures import SublayerSpec, get_submodule
-from .config import BottleneckConfig
-from .methods.bottleneck import Bottleneck
+from .architectures import InputRef, LinearRef, SublayerSpec, get_submodule
+from .config import BottleneckConfig, IA3Config, LoRAConfig, MethodConfig
+from .prefix_attention import set_prefix_source
 
-# Returns the (config, module) pairs that should run at a site in this forward pass, in order.
-ActiveLookup = Callable[[int, str], Sequence[tuple[BottleneckConfig, Bottleneck]]]
+# A site key, e.g. ("sublayer", 3, "feed_forward"), and the (config, module) pairs that run there.
+SiteKey = tuple
+Lookup = Callable[[SiteKey], Sequence[tuple[MethodConfig, Any]]]
+
+_CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value")
+_STATE_ATTRIBUTE = "_adapterkit_conv_state"
 
 
-def apply_bottleneck(
-    config: BottleneckConfig,
-    adapter: Bottleneck,
-    sublayer_output: torch.Tensor,
-    residual_stream: torch.Tensor | None,
-    layer_norm: nn.Module | None,
-) -> torch.Tensor:
-    """Return the new sublayer output with one bottleneck adapter applied.
+def first_tensor(output: Any) -> torch.Tensor:
+    """Return the hidden states of a module output: the tensor itself or the first item of a tuple or model output."""
+    if isinstance(output, torch.Tensor):
+        return output
+    return output[0]
 
-    The block adds ``residual_stream`` to the value returned here and, in post-norm blocks, applies
-    ``layer_norm`` afterwards, exactly as it does without adapters.
 
-    Args:
-        config: The adapter's configuration.
-        adapter: The adapter module at this site.
-        sublayer_output: ``(batch, seq_len, hidden)``, the sublayer output before the residual add.
-        residual_stream: ``(batch, seq_len, hidden)``, what the block adds to the sublayer output.
-        layer_norm: The block's own norm over ``output + residual``, or ``None`` in pre-norm blocks.
+def replace_first_tensor(output: Any, hidden: torch.Tensor) -> Any:
+    """Return ``output`` with its hidden states (see ``first_tensor``) replaced by ``hidden``."""
+    if isinstance(output, torch.Tensor):
+        return hidden
+    if isinstance(output, tuple):
+        return (hidden, *output[1:])
+    key = next(iter(output.keys()))
+    output[key] = hidden
+    return output
+
+
+def token_mask(attention_mask: torch.Tensor | None, length: int, causal: bool) -> torch.Tensor | None:
+    """Return a ``(batch, length)`` bool mask of real tokens for the last ``length`` positions, or None.
+
+    Blocks receive the 2-D padding mask or a 4-D ``(batch, 1, queries, keys)`` mask, boolean (True
+    attends) or additive (0 attends). When the 4-D mask has one row per position, a position is a
+    real token when its own query attends to its own key, because padding masks hide padded keys
+    from every query. A single row, such as the last query's, would also drop the keys outside a
+    sliding window. A mask with one broadcast row is read as it is.
+
+    NOTE: with a broadcast row, a causal stack with right padding or an encoder with left padding
+    gets a wrong mask here.
     """
-    if config.parallel:
-        return adapter(residual_stream, sublayer_output)
+    if attention_mask is None or not isinstance(attention_mask, torch.Tensor):
+        return None
+    if attention_mask.dim() == 2:
+        mask = attention_mask.bool()
+    elif attention_mask.dim() == 4:
+        attends = attention_mask[:, 0]
+        if attends.dtype != torch.bool:
+            attends = attends > torch.finfo(attends.dtype).min / 2
+        if attends.shape[-2] == length and attends.shape[-1] >= length:
+            # The queries are the last ``length`` keys, so each query's own key lies on this diagonal.
+            return attends[:, :, -length:].diagonal(dim1=-2, dim2=-1)
+        mask = attends[:, -1 if causal else 0, :]
+    else:
+        return None
+    if mask.shape[-1] < length:
+        return None
+    return mask[:, -length:]
 
-    adapter_input = sublayer_output
-    if config.original_ln_before:
-        adapter_input = adapter_input + residual_stream
-        if layer_norm is not None:
-            adapter_input = layer_norm(adapter_input)
-    residual = sublayer_output if config.residual_before_ln else adapter_input
-    return adapter(adapter_input, residual)
+
+def conv_state_for(cache: Any, owner: nn.Module) -> dict | None:
+    """Return the per-generation convolution state of ``owner`` kept on the KV ``cache`` object, or None.
+
+    The state lives on the cache because the cache is what a generation passes from step to step.
+    Beam search reorders the cache with ``reorder_cache``. The first time a cache gets a state, its
+    ``reorder_cache`` is wrapped so that the convolution states follow the same beams.
+    """
+    if cache is None:
+        return None
+    states = getattr(cache, _STATE_ATTRIBUTE, None)
+    if states is None:
+        states = {}
+        try:
+            setattr(cache, _STATE_ATTRIBUTE, states)
+        except AttributeError:
+            return None
+        reorder = getattr(cache, "reorder_cache", None)
+        if reorder is not None:
+            def reorder_with_states(beam_idx: torch.LongTensor, *args: Any, **kwargs: Any) -> Any:
+                _select_rows(states, beam_idx)
+                return reorder(beam_idx, *args, **kwargs)
+
+            cache.reorder_cache = reorder_with_states
+    return states.setdefault(id(owner), {})
+
+
+def _select_rows(state: dict, beam_idx: torch.LongTensor) -> None:
+    """Select batch rows ``beam_idx`` of every tensor in ``state``, in place, at any depth of nested dicts.
+
+    The states nest: one dict per adapter, inside it one per projection (``"down"``, ``"up"``).
+    """
+    for key, value in state.items():
+        if isinstance(value, dict):
+            _select_rows(value, beam_idx)
+        elif isinstance(value, torch.Tensor):
+            state[key] = value.index_select(0, beam_idx.to(value.device))
+
+
+def positional_names(module: nn.Module) -> tuple[str, ...]:
+    """Return the names of the parameters of ``module.forward`` that can be passed by position, in order."""
+    parameters = inspect.signature(module.forward).parameters.values()
+    return tuple(p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+def _input_of(args: tuple, kwargs: dict, reference: InputRef) -> Any:
+    if len(args) > reference.position:
+        return args[reference.position]
+    return kwargs.get(reference.keyword)
 
 
 class Site:
-    """The hooks of one sublayer of one block.
+    """Base of the hooks at one place; subclasses register their hooks in ``__init__``."""
 
-    Args:
-        layer_index: Index of the block.
-        sublayer: ``"attention"`` or ``"feed_forward"``.
-        block: The block module.
-        spec: Where the sublayer's output, residual input and layer norm are inside ``block``.
-        lookup: Called at every forward to get the adapters that run here.
-        family: Model family, for error messages.
-    """
-
-    def __init__(self, layer_index: int, sublayer: str, block: nn.Module, spec: SublayerSpec,
-                 lookup: ActiveLookup, family: str = ""):
-        self.layer_index = layer_index
-        self.sublayer = sublayer
+    def __init__(self, key: SiteKey, lookup: Lookup):
+        self.key = key
         self.lookup = lookup
-        self.output_module = get_submodule(block, spec.output, family=family)
-        self.residual_module = get_submodule(block, spec.residual.module, family=family)
-        self.layer_norm = get_submodule(block, spec.layer_norm, family=family) if spec.layer_norm else None
-        self.residual_position = spec.residual.position
-        self.residual_keyword = spec.residual.keyword
-        # The residual is captured before the sublayer output in the same forward. The storage is
-        # thread-local, so two threads running one model do not read each other's tensors.
+        self._handles: list[Any] = []
         self._captured = threading.local()
-        self._handles = [
-            self.residual_module.register_forward_pre_hook(self._capture_residual, with_kwargs=True),
-            self.output_module.register_forward_hook(self._replace_output),
-        ]
 
     def remove(self) -> None:
-        """Remove both hooks from the model."""
+        """Remove every hook of this site from the model."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
         self._captured = threading.local()
-
-    def _capture_residual(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if len(args) > self.residual_position:
-            self._captured.residual = args[self.residual_position]
-        else:
-            self._captured.residual = kwargs.get(self.residual_keyword)
-
-    def _replace_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        adapters = self.lookup(self.layer_index, self.sublayer)
-        if not adapters:
-            return None
-        residual_stream = getattr(self._captured, "residual", None)
-        self._captured.residual = None  # do not keep the activation alive past this forward
-        needs_residual = any(config.parallel or config.original_ln_before for config, _ in adapters)
-        if needs_residual and residual_stream is None:
-            raise RuntimeError(
-                f"adapterkit found no residual input for the {self.sublayer} sublayer of block "
-                f"{self.layer_index}: the module the architecture description names for it did not "
-                "run before the sublayer output. Check the description's residual entry."
-            )
-        hidden = output
-        for config, adapter in adapters:
-            hidden = apply_bottleneck(config, adapter, hidden, residual_stream, self.layer_norm)
-        return hidden
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -122,3 +161,256 @@ class Site:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._captured = threading.local()
+
+
+class SublayerSite(Site):
+    """Bottleneck adapters at the output of one sublayer of one block.
+
+    Args:
+        key: ``("sublayer", block_index, sublayer_name)``.
+        block: The block module.
+        spec: Where the sublayer's output, residual input and layer norm are inside ``block``.
+        causal: Whether the block's stack is causal (decides how padding masks are read).
+        lookup: Called at every forward to get the adapters that run here.
+        family: Model family, for error messages.
+    """
+
+    def __init__(self, key: SiteKey, block: nn.Module, spec: SublayerSpec, causal: bool, lookup: Lookup,
+                 family: str = ""):
+        super().__init__(key, lookup)
+        self.causal = causal
+        self.output_module = get_submodule(block, spec.output, family=family)
+        self.residual_module = get_submodule(block, spec.residual.module, family=family)
+        self.layer_norm = get_submodule(block, spec.layer_norm, family=family) if spec.layer_norm else None
+        self.residual_input = spec.residual
+        # GPT-2, T5 and BART pass the attention mask and cache to their blocks by position.
+        self._block_arguments = positional_names(block)
+        self._handles = [
+            block.register_forward_pre_hook(self._capture_block_inputs, with_kwargs=True),
+            self.residual_module.register_forward_pre_hook(self._capture_residual, with_kwargs=True),
+            self.output_module.register_forward_hook(self._replace_output),
+        ]
+
+    def _capture_block_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        inputs = {**dict(zip(self._block_arguments, args)), **kwargs}
+        self._captured.attention_mask = inputs.get("attention_mask")
+        self._captured.cache = next((inputs[k] for k in _CACHE_KEYWORDS if inputs.get(k) is not None), None)
+
+    def _capture_residual(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._captured.residual = _input_of(args, kwargs, self.residual_input)
+
+    def _replace_output(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        adapters = self.lookup(self.key)
+        if not adapters:
+            return None
+        residual_stream = getattr(self._captured, "residual", None)
+        self._captured.residual = None  # do not keep the activation alive past this forward
+        needs_residual = any(config.parallel or config.original_ln_before for config, _ in adapters)
+        if needs_residual and residual_stream is None:
+            raise RuntimeError(
+                f"adapterkit found no residual input for the {self.key[2]} sublayer of block {self.key[1]}: "
+                "the module the architecture description names for it did not run before the sublayer "
+                "output. Check the description's residual entry."
+            )
+        hidden = first_tensor(output)
+        mask = cache = None
+        if any(config.projection == "conv" for config, _ in adapters):
+            mask = token_mask(getattr(self._captured, "attention_mask", None), hidden.shape[1], self.causal)
+            cache = getattr(self._captured, "cache", None)
+        for config, adapter in adapters:
+            state = conv_state_for(cache, adapter) if config.projection == "conv" else None
+            hidden = apply_bottleneck(config, adapter, hidden, residual_stream, self.layer_norm, mask, state)
+        return replace_first_tensor(output, hidden)
+
+
+def apply_bottleneck(config: BottleneckConfig, adapter: nn.Module, sublayer_output: torch.Tensor,
+                     residual_stream: torch.Tensor | None, layer_norm: nn.Module | None,
+                     mask: torch.Tensor | None = None, state: dict | None = None) -> torch.Tensor:
+    """Return the new sublayer output with one bottleneck adapter applied.
+
+    The block adds ``residual_stream`` to the value returned here and, in post-norm blocks, applies
+    ``layer_norm`` afterwards, exactly as it does without adapters.
+
+    Args:
+        config: The adapter's configuration.
+        adapter: The ``Bottleneck`` module at this site.
+        sublayer_output: ``(batch, seq_len, hidden)``, the sublayer output before the residual add.
+        residual_stream: ``(batch, seq_len, hidden)``, what the block adds to the sublayer output.
+        layer_norm: The block's own norm over ``output + residual``, or ``None`` in pre-norm blocks.
+        mask: ``(batch, seq_len)`` bool, True for real tokens, for convolutional projections.
+        state: Convolution state carried between generation steps, or None.
+    """
+    if config.parallel:
+        return adapter(residual_stream, sublayer_output, mask=mask, state=state)
+
+    adapter_input = sublayer_output
+    if config.original_ln_before:
+        adapter_input = adapter_input + residual_stream
+        if layer_norm is not None:
+            adapter_input = layer_norm(adapter_input)
+    residual = sublayer_output if config.residual_before_ln else adapter_input
+    return adapter(adapter_input, residual, mask=mask, state=state)
+
+
+class LinearSite(Site):
+    """LoRA and (IA)^3 on one linear projection, or on one slice of a fused projection's output.
+
+    Args:
+        key: ``("linear", block_index, role, index)``.
+        layer: The ``nn.Linear`` (or transformers ``Conv1D``) module.
+        reference: Which slice of the output belongs to the role.
+        scale_input: Whether (IA)^3 rescales this projection's input instead of its output.
+        lookup: Called at every forward to get the adapters that run here.
+    """
+
+    def __init__(self, key: SiteKey, layer: nn.Module, reference: LinearRef, scale_input: bool, lookup: Lookup):
+        super().__init__(key, lookup)
+        self.layer = layer
+        self.reference = reference
+        self.scale_input = scale_input
+        # LoRA and (IA)^3 change the projection's own output, so they run before any other hook on the
+        # layer: a bottleneck adapter whose sublayer ends in this layer, or DeBERTa-v2's prefix hook,
+        # which lengthens the key and value outputs.
+        self._handles = [layer.register_forward_hook(self._add_to_output, prepend=True)]
+        if scale_input:
+            self._handles.append(layer.register_forward_pre_hook(self._scale_input))
+
+    def _scale_input(self, module: nn.Module, args: tuple) -> tuple | None:
+        vectors = [module for config, module in self.lookup(self.key) if isinstance(config, IA3Config)]
+        if not vectors:
+            return None
+        hidden = args[0]
+        for vector in vectors:
+            hidden = vector(hidden)
+        return (hidden, *args[1:])
+
+    def _add_to_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        adapters = self.lookup(self.key)
+        if not adapters:
+            return None
+        parts = self.reference.parts
+        width = output.shape[-1] // parts
+        start = self.reference.part * width
+        whole = parts == 1
+        piece = output if whole else output[..., start:start + width]
+        changed = False
+        for config, adapter in adapters:
+            if isinstance(config, LoRAConfig):
+                piece = piece + adapter(args[0])
+                changed = True
+            elif isinstance(config, IA3Config) and not self.scale_input:
+                piece = adapter(piece)
+                changed = True
+        if not changed:
+            return None
+        if whole:
+            return piece
+        return torch.cat([output[..., :start], piece, output[..., start + width:]], dim=-1)
+
+
+class PrefixSite(Site):
+    """Prefix tuning on one attention module.
+
+    Args:
+        key: ``("prefix", block_index, kind)`` with kind ``"self"`` or ``"cross"``.
+        attention: The attention module that calls the attention function.
+        causal: Whether the block's stack is causal (decides how gated prefixes compute their gate).
+        lookup: Called at every forward to get ``(config, (PrefixTuning, row))`` pairs.
+    """
+
+    def __init__(self, key: SiteKey, attention: nn.Module, causal: bool, lookup: Lookup):
+        super().__init__(key, lookup)
+        self.attention = attention
+        self.causal = causal
+        set_prefix_source(attention, self)
+        # Gated prefixes (UniPELT) compute their gate from the attention input, which sources do not receive.
+        # The capture runs first because the MPNet and DeBERTa-v2 prefix pre-hooks call the source.
+        self._handles = [attention.register_forward_pre_hook(self._capture_input, with_kwargs=True, prepend=True)]
+
+    def remove(self) -> None:
+        set_prefix_source(self.attention, None)
+        super().remove()
+
+    def _capture_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._captured.hidden_states = args[0] if args else kwargs.get("hidden_states")
+        # T5's attention modules name the mask ``mask``.
+        mask = kwargs.get("attention_mask")
+        self._captured.attention_mask = kwargs.get("mask") if mask is None else mask
+
+    def _gate(self, prefix: nn.Module, row: int) -> torch.Tensor:
+        """Return the UniPELT gate of one layer's prefix values, ``(batch or 1, 1, 1, 1)``.
+
+        Encoders average the gate over the real tokens of the input, as UniPELT does. Prefix values
+        are shared by every query, so in causal stacks an input-dependent gate would let a position
+        see later tokens; there the gate is ``sigmoid(bias)``, learned but independent of the input.
+        """
+        gate = prefix.gates[row]
+        if self.causal:
+            return torch.sigmoid(gate.bias).view(1, 1, 1, 1)
+        hidden_states = getattr(self._captured, "hidden_states", None)
+        if hidden_states is None:
+            raise RuntimeError(f"adapterkit found no input of the attention module of block {self.key[1]} "
+                               "to compute the prefix gate from")
+        mask = token_mask(getattr(self._captured, "attention_mask", None), hidden_states.shape[1], causal=False)
+        return prefix.gate_value(row, hidden_states, attention_mask=mask)
+
+    def __call__(self, module: nn.Module, query: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        prefixes = []
+        for _, (prefix, row) in self.lookup(self.key):
+            keys, values = prefix.layer_prefix(row)
+            keys, values = keys.unsqueeze(0).to(query.dtype), values.unsqueeze(0).to(query.dtype)
+            if prefix.use_gating:
+                values = values * self._gate(prefix, row).to(query.dtype)
+            prefixes.append((keys, values))
+        return prefixes
+
+
+class EmbeddingSite(Site):
+    """Invertible adapters on the output of the embedding module."""
+
+    def __init__(self, key: SiteKey, embeddings: nn.Module, lookup: Lookup):
+        super().__init__(key, lookup)
+        self._handles = [embeddings.register_forward_hook(self._transform)]
+
+    def _transform(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        adapters = self.lookup(self.key)
+        if not adapters:
+            return None
+        hidden = first_tensor(output)
+        for _, adapter in adapters:
+            hidden = adapter(hidden)
+        return replace_first_tensor(output, hidden)
+
+
+class FinalSite(Site):
+    """The adapter before the head, and the inverse of invertible adapters before a tied LM head.
+
+    Args:
+        key: ``("final",)``.
+        final: The module whose output is the last hidden state.
+        invert: Whether to run the inverse of active invertible adapters here (language-model heads
+            whose weights are the input embeddings).
+        lookup: Called at every forward to get the adapters that run here.
+    """
+
+    def __init__(self, key: SiteKey, final: nn.Module, invert: bool, lookup: Lookup):
+        super().__init__(key, lookup)
+        self.invert = invert
+        self._handles = [final.register_forward_hook(self._transform)]
+
+    def _transform(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        adapters = self.lookup(self.key)
+        if not adapters:
+            return None
+        hidden = first_tensor(output)
+        changed = False
+        for config, adapter in adapters:
+            if isinstance(config, BottleneckConfig):
+                hidden = adapter(hidden, hidden)
+                changed = True
+        if self.invert:
+            for config, adapter in reversed(adapters):
+                if not isinstance(config, BottleneckConfig):
+                    hidden = adapter.inverse(hidden)
+                    changed = True
+        return replace_first_tensor(output, hidden) if changed else None

@@ -4,7 +4,9 @@ Files:
     ``adapterkit_config.json``: format version, adapterkit version, the adapter config, the base
         model it was trained on, and the head's module names and labels.
     ``adapterkit_model.safetensors``: the adapter's weights, head included, keyed by their names
-        inside the adapter (``layers.3.feed_forward.down_proj.weight``, ``head.classifier.weight``).
+        inside the adapter: ``methods.<i>.`` and the layout of method ``i`` of the config
+        (``methods.0.layers.3.feed_forward.down_proj.weight``), and ``head.`` (``head.classifier.weight``).
+        Format 1 had one method and no ``methods.0.`` prefix; it loads unchanged.
 
 Every file is written to a temporary name in the target folder and renamed into place, so a crash
 never leaves a half-written checkpoint.
@@ -23,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .config import BottleneckConfig
+from .config import config_from_dict
 
 if TYPE_CHECKING:
     from .registry import AdapterRegistry
@@ -32,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "adapterkit_config.json"
 WEIGHTS_FILE = "adapterkit_model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def write_atomically(path: Path, write: Any) -> None:
@@ -128,8 +130,10 @@ def load_adapter(registry: AdapterRegistry, directory: str | os.PathLike, load_a
     description = read_description(directory)
     check_compatible(registry, description, directory)
     name = load_as or description["name"]
-    config = BottleneckConfig.from_dict(description["config"])
+    config = config_from_dict(description["config"], unknown_keys="warn")
     weights = load_file(str(directory / WEIGHTS_FILE))
+    if description.get("format_version", 1) == 1:
+        weights = {key if key.startswith("head.") else f"methods.0.{key}": value for key, value in weights.items()}
     head_modules = description.get("head", {}).get("modules", [])
     if sorted(head_modules) != sorted(registry.head_names):
         raise ValueError(f"The adapter in {directory} has head modules {head_modules}, but this "

@@ -18,7 +18,7 @@ from torch import nn
 
 from . import io
 from .architectures import ArchitectureSpec, find_architecture
-from .config import BottleneckConfig, resolve_config
+from .config import MethodConfig, resolve_config
 from .registry import AdapterRegistry
 
 logger = logging.getLogger(__name__)
@@ -51,14 +51,16 @@ class AdapterModelMixin:
 
     # -- managing adapters -----------------------------------------------------------------------
 
-    def add_adapter(self, name: str, config: BottleneckConfig | str | dict | None = None, *,
+    def add_adapter(self, name: str, config: MethodConfig | str | dict | None = None, *,
                     set_active: bool = False) -> None:
-        """Add a new, frozen bottleneck adapter called ``name``.
+        """Add a new, frozen adapter called ``name``.
 
         Args:
             name: Letters, digits, ``_`` and ``-``.
-            config: An ``AdapterConfig``, a preset name (``"houlsby"``, ``"pfeiffer"``, ``"parallel"``),
-                a dict from ``AdapterConfig.to_dict()``, or ``None`` for ``"pfeiffer"``.
+            config: A method config (``BottleneckConfig``, ``LoRAConfig``, ``IA3Config``,
+                ``PrefixTuningConfig``, ``InvertibleConfig`` or a ``ConfigUnion`` of them), a preset name
+                from ``adapterkit.PRESETS`` (``"lora"``, ``"mam"``, ...), a dict from ``config.to_dict()``,
+                or ``None`` for ``"pfeiffer"``.
             set_active: Make it the only active adapter.
 
         Raises:
@@ -93,7 +95,7 @@ class AdapterModelMixin:
         """Every adapter on the model, in the order they were added."""
         return list(self._adapterkit.entries)
 
-    def adapter_config(self, name: str) -> BottleneckConfig:
+    def adapter_config(self, name: str) -> MethodConfig:
         """Return the configuration of adapter ``name``."""
         self._adapterkit.check_names([name])
         return self._adapterkit.entries[name].config

@@ -13,17 +13,18 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
-from .architectures import ArchitectureSpec, get_layers
-from .config import BottleneckConfig
+from .architectures import ArchitectureSpec
+from .config import MethodConfig
 from .heads import STORE_ATTRIBUTE, count_labels, head_module_names, is_freshly_initialised, resize_head
-from .injection import Site
-from .methods.bottleneck import Bottleneck
+from .injection import EmbeddingSite, FinalSite, LinearSite, PrefixSite, Site, SublayerSite
+from .layout import ModelLayout, build, check_fits, placements
+from .prefix_attention import disable_prefix_attention, enable_prefix_attention
 
 logger = logging.getLogger(__name__)
 
-SUBLAYERS = ("attention", "feed_forward")
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")
 _BASE_HEAD_KEY = "base_head"
 
@@ -39,7 +40,7 @@ class AdapterEntry:
         head_trained: Whether the head's weights were trained or loaded, so must not be replaced silently.
     """
 
-    config: BottleneckConfig
+    config: MethodConfig
     labels: list[Any] | None = None
     head_trained: bool = False
 
@@ -61,16 +62,17 @@ class AdapterRegistry:
         self.model = model
         self.spec = spec
         self.family = getattr(model.config, "model_type", "")
-        self.layers = get_layers(model, spec)
+        self.layout = ModelLayout(model, spec)
         self.entries: dict[str, AdapterEntry] = {}
         self.active: tuple[str, ...] = ()
-        self.sites: dict[tuple[int, str], Site] = {}
+        self.sites: dict[tuple, Site] = {}
         self.head_names = head_module_names(model)
         self.base_heads = {name: getattr(model, name) for name in self.head_names}
-        self.base_head_fresh = is_freshly_initialised(self.base_heads)
+        self.base_head_fresh = is_freshly_initialised(self.base_heads, model)
         self.base_labels = dict(getattr(model.config, "id2label", None) or {})
-        self._plan: dict[tuple[int, str], list[tuple[BottleneckConfig, Bottleneck]]] = {}
+        self._plan: dict[tuple, list[tuple[MethodConfig, Any]]] = {}
         self.tokenizer = None
+        self._input_hook = None
 
     # -- modules -------------------------------------------------------------------------------
 
@@ -97,33 +99,19 @@ class AdapterRegistry:
 
     # -- adding and deleting ---------------------------------------------------------------------
 
-    def add(self, name: str, config: BottleneckConfig) -> None:
-        """Create adapter ``name``: one module per placed sublayer, plus a copy of the base head."""
+    def add(self, name: str, config: MethodConfig) -> None:
+        """Create adapter ``name``: the modules of each method in ``config``, plus a copy of the base head."""
         if not isinstance(name, str) or not _NAME_PATTERN.match(name):
             raise ValueError(f"Invalid adapter name {name!r}: use letters, digits, '_' and '-' only")
         if name in self.entries:
             raise ValueError(f"An adapter named {name!r} already exists; delete_adapter({name!r}) first "
                              "or choose another name")
-        hidden_size = self.model.config.hidden_size
-        width = config.bottleneck_width(hidden_size)  # raises before anything is built
-        out_of_range = [i for i in config.leave_out if i >= len(self.layers)]
-        if out_of_range:
-            raise ValueError(f"leave_out={list(config.leave_out)} names blocks {out_of_range}, but the model "
-                             f"has {len(self.layers)} blocks (0 to {len(self.layers) - 1})")
+        check_fits(self.layout, config)  # raises before anything is built
 
         reference = next(self.model.base_model.parameters())
-        layers = nn.ModuleDict()
-        for index in range(len(self.layers)):
-            if index in config.leave_out:
-                continue
-            places = nn.ModuleDict()
-            if config.mh_adapter:
-                places["attention"] = Bottleneck(hidden_size, config)
-            if config.output_adapter:
-                places["feed_forward"] = Bottleneck(hidden_size, config)
-            layers[str(index)] = places
+        methods = nn.ModuleDict({str(i): build(self.layout, member) for i, member in enumerate(config.methods)})
         head = nn.ModuleDict({n: copy.deepcopy(self.base_heads[n]) for n in self.head_names})
-        modules = nn.ModuleDict({"layers": layers, "head": head})
+        modules = nn.ModuleDict({"methods": methods, "head": head})
         modules.to(device=reference.device, dtype=reference.dtype)
         modules.requires_grad_(False)
         modules.train(self.model.training)
@@ -131,8 +119,15 @@ class AdapterRegistry:
         self.store[store_key(name)] = modules
         self.entries[name] = AdapterEntry(config=config, head_trained=not self.base_head_fresh)
         self._install_sites()
-        logger.info("Added adapter %r (%s, bottleneck %d): %d parameters",
-                    name, config.architecture, width, self.count_parameters(name))
+        logger.info("Added adapter %r (%s): %d parameters", name, config.architecture, self.count_parameters(name))
+
+    def placements_of(self, name: str) -> list[tuple[tuple, MethodConfig, Any]]:
+        """Return ``(site key, member config, payload)`` for every module of adapter ``name``."""
+        methods = self.store[store_key(name)]["methods"]
+        found = []
+        for index, member in enumerate(self.entries[name].config.methods):
+            found.extend((key, member, payload) for key, payload in placements(self.layout, member, methods[str(index)]))
+        return found
 
     def delete(self, name: str) -> None:
         """Remove adapter ``name`` with its modules, head and any hooks no other adapter needs."""
@@ -146,18 +141,79 @@ class AdapterRegistry:
         self._install_sites()
 
     def _install_sites(self) -> None:
-        """Hook every sublayer that some adapter has a module for, and unhook the rest."""
-        needed = set()
-        for name in self.entries:
-            for index, places in self.store[store_key(name)]["layers"].items():
-                needed.update((int(index), sublayer) for sublayer in places)
-        for place in set(self.sites) - needed:
-            self.sites.pop(place).remove()
-        for index, sublayer in sorted(needed - set(self.sites)):
-            sublayer_spec = getattr(self.spec, sublayer)
-            self.sites[(index, sublayer)] = Site(index, sublayer, self.layers[index], sublayer_spec,
-                                                 self.lookup, family=self.family)
+        """Hook every place that some adapter has a module for, and unhook the rest."""
+        needed = {key for name in self.entries for key, _, _ in self.placements_of(name)}
+        for key in set(self.sites) - needed:
+            self.sites.pop(key).remove()
+        if any(key[0] == "prefix" for key in needed):
+            enable_prefix_attention(self.model)
+        for key in sorted(needed - set(self.sites), key=repr):
+            self.sites[key] = self._new_site(key)
+        if not any(key[0] == "prefix" for key in needed):
+            disable_prefix_attention(self.model)
+        self._update_input_hook()
         self._rebuild_plan()
+
+    def _new_site(self, key: tuple) -> Site:
+        layout = self.layout
+        kind = key[0]
+        if kind == "sublayer":
+            stack, block = layout.blocks[key[1]]
+            return SublayerSite(key, block, stack.sublayers()[key[2]], stack.causal, self.lookup, family=self.family)
+        if kind == "linear":
+            _, index, role, number = key
+            stack, _ = layout.blocks[index]
+            return LinearSite(key, layout.projection(index, role, number), stack.linear_refs(role)[number],
+                              scale_input=role == "ff_out", lookup=self.lookup)
+        if kind == "prefix":
+            stack, block = layout.blocks[key[1]]
+            path = stack.attention_module if key[2] == "self" else stack.cross_attention_module
+            return PrefixSite(key, block.get_submodule(path), stack.causal, self.lookup)
+        if kind == "embeddings":
+            return EmbeddingSite(key, layout.submodule(self.spec.embeddings), self.lookup)
+        if kind == "final":
+            return FinalSite(key, layout.submodule(self.spec.final), invert=self._has_tied_lm_head(), lookup=self.lookup)
+        raise ValueError(f"Unknown site kind {kind!r}")
+
+    def _has_tied_lm_head(self) -> bool:
+        """Return whether the model's output layer shares its weight with the input embeddings."""
+        try:
+            output, embeddings = self.model.get_output_embeddings(), self.model.get_input_embeddings()
+        except (AttributeError, NotImplementedError):
+            return False
+        return output is not None and embeddings is not None and output.weight is embeddings.weight
+
+    def _update_input_hook(self) -> None:
+        """Hook the input embeddings while the model has adapters, so that checkpointing keeps their gradients.
+
+        Reentrant ``torch.utils.checkpoint`` computes no parameter gradients inside a checkpointed
+        block unless one of the block's inputs requires grad, and frozen embeddings do not.
+        """
+        if self.entries and self._input_hook is None:
+            try:
+                embeddings = self.model.get_input_embeddings()
+            except (AttributeError, NotImplementedError):
+                return
+            if embeddings is not None:
+                self._input_hook = embeddings.register_forward_hook(self._require_input_grad)
+        elif not self.entries and self._input_hook is not None:
+            self._input_hook.remove()
+            self._input_hook = None
+
+    def _checkpointing(self) -> bool:
+        # transformers 5 renamed the property; 4.57 has only the old name.
+        for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+            if hasattr(type(self.model), name):
+                return bool(getattr(self.model, name))
+        return False
+
+    def _require_input_grad(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and not output.requires_grad):
+            return
+        if not self.model.training or not self._checkpointing():
+            return
+        if self.trainable_names():
+            output.requires_grad_(True)
 
     # -- activation ------------------------------------------------------------------------------
 
@@ -168,17 +224,15 @@ class AdapterRegistry:
         self._rebuild_plan()
         self._install_head(names[-1] if names else None)
 
-    def lookup(self, layer_index: int, sublayer: str) -> list[tuple[BottleneckConfig, Bottleneck]]:
-        """Return the (config, module) pairs that run at one sublayer in the current forward."""
-        return self._plan.get((layer_index, sublayer), [])
+    def lookup(self, key: tuple) -> list[tuple[MethodConfig, Any]]:
+        """Return the (config, module) pairs that run at site ``key`` in the current forward, in order."""
+        return self._plan.get(key, [])
 
     def _rebuild_plan(self) -> None:
-        plan: dict[tuple[int, str], list[tuple[BottleneckConfig, Bottleneck]]] = {}
+        plan: dict[tuple, list[tuple[MethodConfig, Any]]] = {}
         for name in self.active:
-            config = self.entries[name].config
-            for index, places in self.store[store_key(name)]["layers"].items():
-                for sublayer, module in places.items():
-                    plan.setdefault((int(index), sublayer), []).append((config, module))
+            for key, member, payload in self.placements_of(name):
+                plan.setdefault(key, []).append((member, payload))
         self._plan = plan
 
     def _install_head(self, name: str | None) -> None:

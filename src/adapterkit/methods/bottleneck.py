@@ -6,6 +6,8 @@ import torch
 from torch import nn
 
 from ..config import BottleneckConfig
+from .conv import SequenceConv
+from .phm import PHMLinear, PHMRule
 
 _ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -20,6 +22,18 @@ _ACTIVATIONS = {
 }
 
 
+def _projection(in_features: int, out_features: int, config: BottleneckConfig, causal: bool,
+                shared_rule: PHMRule | None) -> nn.Module:
+    if config.projection == "conv":
+        return SequenceConv(in_features, out_features, config.kernel_size, causal=causal)
+    if config.phm_layer:
+        return PHMLinear(in_features, out_features, config.phm_dim, rank=config.phm_rank,
+                         factorized_W=config.factorized_phm_W, shared_rule=shared_rule,
+                         factorized_rule=config.factorized_phm_rule, init_range=config.phm_init_range,
+                         bias=config.phm_bias, w_init=config.hypercomplex_nonlinearity)
+    return nn.Linear(in_features, out_features)
+
+
 class Bottleneck(nn.Module):
     """One bottleneck adapter at one place in the model.
 
@@ -29,17 +43,22 @@ class Bottleneck(nn.Module):
     Args:
         hidden_size: Width of the hidden states the adapter reads and writes.
         config: The adapter configuration.
+        causal: Whether convolutional projections may only look at earlier positions (decoders).
+        shared_rule: The PHM rule matrices shared by all PHM layers of the adapter, if any.
     """
 
-    def __init__(self, hidden_size: int, config: BottleneckConfig):
+    def __init__(self, hidden_size: int, config: BottleneckConfig, causal: bool = False,
+                 shared_rule: PHMRule | None = None):
         super().__init__()
         width = config.bottleneck_width(hidden_size)
+        self.is_conv = config.projection == "conv"
         self.norm_before = nn.LayerNorm(hidden_size) if config.ln_before else None
-        self.down_proj = nn.Linear(hidden_size, width)
+        self.down_proj = _projection(hidden_size, width, config, causal, shared_rule)
         self.non_linearity = _ACTIVATIONS[config.non_linearity]()
-        self.up_proj = nn.Linear(width, hidden_size)
+        self.up_proj = _projection(width, hidden_size, config, causal, shared_rule)
         self.dropout = nn.Dropout(config.dropout)
         self.norm_after = nn.LayerNorm(hidden_size) if config.ln_after else None
+        self.gate = nn.Linear(hidden_size, 1) if config.use_gating else None
 
         if config.scaling == "learned":
             self.scaling = nn.Parameter(torch.ones(1))
@@ -47,41 +66,61 @@ class Bottleneck(nn.Module):
             self.scaling = nn.Parameter(torch.ones(hidden_size))
         else:
             self.scaling = float(config.scaling)
-        self.reset_parameters(config.init_weights)
+        if not config.phm_layer:
+            self.reset_parameters(config.init_weights)
 
     @torch.no_grad()
     def reset_parameters(self, init_weights: str) -> None:
-        """Initialise both projections by the scheme ``init_weights`` names (see ``BottleneckConfig``)."""
+        """Initialise both projections by the scheme ``init_weights`` names (see ``BottleneckConfig``).
+
+        PHM projections keep the initialisation their own config fields choose.
+        """
+        down, up = self.down_proj.weight, self.up_proj.weight
         if init_weights == "bert":
-            nn.init.normal_(self.down_proj.weight, std=0.02)
-            nn.init.normal_(self.up_proj.weight, std=0.02)
+            nn.init.normal_(down, std=0.02)
+            nn.init.normal_(up, std=0.02)
         elif init_weights in ("houlsby", "near_identity"):
-            nn.init.trunc_normal_(self.down_proj.weight, std=1e-2, a=-2e-2, b=2e-2)
-            nn.init.trunc_normal_(self.up_proj.weight, std=1e-2, a=-2e-2, b=2e-2)
+            nn.init.trunc_normal_(down, std=1e-2, a=-2e-2, b=2e-2)
+            nn.init.trunc_normal_(up, std=1e-2, a=-2e-2, b=2e-2)
             if init_weights == "near_identity":
-                self.up_proj.weight.mul_(1e-3)
+                up.mul_(1e-3)
         elif init_weights == "zero_up":
-            nn.init.kaiming_uniform_(self.down_proj.weight, a=5**0.5)
-            nn.init.zeros_(self.up_proj.weight)
+            nn.init.kaiming_uniform_(down, a=5**0.5)
+            nn.init.zeros_(up)
         else:
             raise ValueError(f"init_weights={init_weights!r}: expected one of bert, houlsby, near_identity, zero_up")
         nn.init.zeros_(self.down_proj.bias)
         nn.init.zeros_(self.up_proj.bias)
 
-    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def _project(self, projection: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None,
+                 state: dict | None, name: str) -> torch.Tensor:
+        if not self.is_conv:
+            return projection(hidden)
+        # Each convolution keeps its own past inputs, under its own key of the site's state.
+        return projection(hidden, mask=mask, state=None if state is None else state.setdefault(name, {}))
+
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor, mask: torch.Tensor | None = None,
+                state: dict | None = None) -> torch.Tensor:
         """Compute ``residual + norm_after(scaling * W_up f(W_down x + b_down) + b_up)``.
 
         Args:
             hidden_states: Adapter input ``x``, ``(batch, seq_len, hidden_size)``.
             residual: Tensor the adapter output is added to, ``(batch, seq_len, hidden_size)``.
+            mask: ``(batch, seq_len)`` bool, True for real tokens; convolutions zero the others.
+            state: Past inputs of the convolutions between generation steps, or None.
 
         Returns:
             ``(batch, seq_len, hidden_size)``.
         """
         if self.norm_before is not None:
             hidden_states = self.norm_before(hidden_states)
-        branch = self.up_proj(self.non_linearity(self.down_proj(hidden_states)))
+        branch = self._project(self.down_proj, hidden_states, mask, state, "down")
+        branch = self._project(self.up_proj, self.non_linearity(branch), mask, state, "up")
         branch = self.dropout(branch * self.scaling)
         if self.norm_after is not None:
             branch = self.norm_after(branch)
+        if self.gate is not None:
+            # UniPELT averages this gate over the sequence. A gate per position keeps padded batches,
+            # cached decoding and causal models exact.
+            branch = branch * torch.sigmoid(self.gate(hidden_states))
         return residual + branch

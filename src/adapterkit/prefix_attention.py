@@ -1,0 +1,545 @@
+"""Prefix keys and values inside transformers attention layers, without copying any model's forward.
+
+Prefix tuning (Li and Liang, 2021) puts trained key/value positions before the real keys and values
+of an attention layer. Each attention module gets a *prefix source* (``set_prefix_source``), a
+callable that returns the prefix tensors at every forward. ``enable_prefix_attention`` then routes
+the model's attention through code that prepends them:
+
+- Families whose attention modules call transformers' ``AttentionInterface``: bert, roberta,
+  distilbert, electra, gpt2, llama, mistral, qwen2, gemma3, t5, bart and most others in
+  transformers 5. Each config's ``_attn_implementation`` is switched to a registered wrapper,
+  ``adapterkit_prefix_<previous>``, which runs after the KV-cache update and calls the previous
+  implementation. So the cache never stores the prefix, position ids and the caller's attention
+  mask keep their lengths, and ``generate()`` runs unchanged with or without a cache.
+- MPNet and DeBERTa-v2, whose attention modules compute the scores themselves: forward hooks on the
+  attention module and its key/value projections insert the prefix. DeBERTa-v2 also gets an
+  instance-level override of ``disentangled_attention_bias`` that gives the prefix columns zero
+  relative-position bias.
+
+In every family the prefix columns are always attended (padding and causal masks do not cover
+them) and get zero position bias (T5's relative bias, MPNet's and DeBERTa-v2's relative terms).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import PreTrainedConfig, PreTrainedModel
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+# A prefix source: called as ``source(attention_module, query)`` with the query
+# ``(batch, heads, q_len, head_dim)``, it returns a list of ``(key, value)`` pairs, each
+# ``(batch or 1, kv_heads, prefix_length, head_dim)``, to put before the real keys in list order.
+PrefixSource = Callable[[nn.Module, torch.Tensor], Sequence[tuple[torch.Tensor, torch.Tensor]]]
+
+PREFIX_SOURCE_ATTRIBUTE = "adapterkit_prefix_source"
+IMPLEMENTATION_PREFIX = "adapterkit_prefix_"
+_PATCH_ATTRIBUTE = "adapterkit_prefix_patch"
+
+# Modeling modules whose attention does not call the AttentionInterface, and the class of their
+# attention module that a hook patch supports.
+_HOOKED_ATTENTION_CLASSES = {
+    "transformers.models.mpnet.modeling_mpnet": "MPNetSelfAttention",
+    "transformers.models.deberta_v2.modeling_deberta_v2": "DisentangledSelfAttention",
+}
+
+
+# -- prefix sources ------------------------------------------------------------------------------
+
+def set_prefix_source(attention_module: nn.Module, source: PrefixSource | None) -> None:
+    """Set or remove the prefix source of one attention module.
+
+    The source is kept as a plain instance attribute (``adapterkit_prefix_source``), not as a
+    submodule, so its parameters do not join the model's ``parameters()`` or ``state_dict()``.
+    ``copy.deepcopy`` and ``pickle`` of the model copy it, so it must be picklable for the model to
+    stay picklable (a lambda or a local function is not).
+
+    The source takes effect only while ``enable_prefix_attention`` is on for the model.
+
+    Args:
+        attention_module: The module that calls the attention function (llama ``self_attn``, gpt2
+            ``attn``, bert ``attention.self``, mpnet ``attention.attn``, t5 ``SelfAttention``, ...).
+        source: ``source(attention_module, query) -> [(key, value), ...]``, see ``PrefixSource``, or
+            ``None`` to remove it. The tensors should have the dtype of ``query``. Other dtypes
+            are cast to the dtype of the real keys.
+
+    Raises:
+        TypeError: If ``source`` is neither ``None`` nor callable.
+    """
+    if source is None:
+        attention_module.__dict__.pop(PREFIX_SOURCE_ATTRIBUTE, None)
+        return
+    if not callable(source):
+        raise TypeError(f"source={source!r} is not callable: expected source(attention_module, query) "
+                        "returning a list of (key, value) pairs, or None")
+    # object.__setattr__ keeps an nn.Module source out of the attention module's submodules.
+    object.__setattr__(attention_module, PREFIX_SOURCE_ATTRIBUTE, source)
+
+
+def get_prefix_source(attention_module: nn.Module) -> PrefixSource | None:
+    """Return the prefix source of ``attention_module``, or ``None`` if it has none."""
+    return attention_module.__dict__.get(PREFIX_SOURCE_ATTRIBUTE)
+
+
+def collect_prefix(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                   value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Call the prefix source of ``module`` and concatenate what it returns.
+
+    Args:
+        module: The attention module.
+        query: ``(batch, heads, q_len, head_dim)``, passed to the source.
+        key: The real keys ``(batch, kv_heads, k_len, head_dim)``. The prefixes must match their
+            batch (or have batch 1), heads and head size, and are cast to their dtype and device.
+        value: The real values ``(batch, kv_heads, k_len, value_dim)``.
+
+    Returns:
+        ``(prefix_key, prefix_value)``, each ``(batch, kv_heads, prefix_length, dim)``, or ``None``
+        when the module has no source or the source returns no pair.
+
+    Raises:
+        ValueError: If a returned tensor has the wrong shape.
+    """
+    source = get_prefix_source(module)
+    if source is None:
+        return None
+    pairs = source(module, query)
+    if not pairs:
+        return None
+    keys, values = [], []
+    for pair in pairs:
+        prefix_key, prefix_value = pair
+        _check_prefix_shape(module, "key", prefix_key, key)
+        _check_prefix_shape(module, "value", prefix_value, value)
+        if prefix_key.shape[2] != prefix_value.shape[2]:
+            raise ValueError(f"the prefix source of {type(module).__name__} returned a key of length "
+                             f"{prefix_key.shape[2]} and a value of length {prefix_value.shape[2]}: expected "
+                             "equal prefix lengths (dimension 2)")
+        batch = key.shape[0]
+        keys.append(prefix_key.to(device=key.device, dtype=key.dtype).expand(batch, -1, -1, -1))
+        values.append(prefix_value.to(device=value.device, dtype=value.dtype).expand(batch, -1, -1, -1))
+    if len(keys) == 1:
+        return keys[0], values[0]
+    return torch.cat(keys, dim=2), torch.cat(values, dim=2)
+
+
+def _check_prefix_shape(module: nn.Module, name: str, prefix: torch.Tensor, real: torch.Tensor) -> None:
+    batch, heads, _, size = real.shape
+    if prefix.dim() == 4 and prefix.shape[0] in (1, batch) and prefix.shape[1] == heads and prefix.shape[3] == size:
+        return
+    raise ValueError(f"the prefix source of {type(module).__name__} returned a {name} of shape "
+                     f"{tuple(prefix.shape)}: expected (1 or {batch}, {heads}, prefix_length, {size}), the batch "
+                     "size, key/value heads and head size of this attention layer")
+
+
+# -- turning the wrapper on and off --------------------------------------------------------------
+
+def prefix_implementation(base_implementation: str) -> str:
+    """Register the wrapper around ``base_implementation`` and return its name.
+
+    The name is ``"adapterkit_prefix_" + base_implementation``, so the previous implementation can be
+    read back from it. Its attention function is a ``PrefixAttentionFunction``, and its mask function
+    is the one of ``base_implementation``, so the model builds the same masks as before.
+
+    Raises:
+        ValueError: If ``base_implementation`` is a flash, flex or paged implementation.
+    """
+    if "flash" in base_implementation or "flex" in base_implementation or base_implementation.startswith("paged"):
+        raise ValueError(f"prefix attention cannot wrap attn_implementation={base_implementation!r}: these kernels "
+                         "take no dense attention mask, so the prefix columns cannot be added to it. Switch the model "
+                         "first, e.g. model.set_attn_implementation('sdpa') or 'eager'")
+    name = IMPLEMENTATION_PREFIX + base_implementation
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, PrefixAttentionFunction(base_implementation))
+    if base_implementation in ALL_MASK_ATTENTION_FUNCTIONS and name not in AttentionMaskInterface._global_mapping:
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base_implementation])
+    return name
+
+
+def enable_prefix_attention(model: nn.Module) -> None:
+    """Route the attention of ``model`` through the prefix wrapper. Calling it again changes nothing.
+
+    Switches every config in the model (the configs of its submodels and their sub-configs) from
+    implementation ``X`` to ``adapterkit_prefix_X``, and installs the hook patches of MPNet and
+    DeBERTa-v2 attention modules. A module without a prefix source computes exactly what it computed
+    before (bitwise). Configs whose implementation is ``None`` are left as they are.
+
+    ``model.set_attn_implementation`` afterwards replaces the wrapper, and the prefixes stop being
+    used until this function is called again.
+
+    Raises:
+        ValueError: If a config uses a flash, flex or paged implementation.
+        NotImplementedError: If a transformers submodel's attention does not call the
+            ``AttentionInterface`` and has no hook patch here (e.g. DeBERTa v1).
+    """
+    _check_supported(model)
+    switches = []
+    for config in _model_configs(model):
+        current = config._attn_implementation
+        if current is None or current.startswith(IMPLEMENTATION_PREFIX):
+            continue
+        switches.append((config, prefix_implementation(current)))
+    # All names are checked above before any config changes, so a failure leaves the model as it was.
+    for config, name in switches:
+        config._attn_implementation_internal = name
+    for module in model.modules():
+        patch_class = _patch_class(module)
+        if patch_class is not None and _PATCH_ATTRIBUTE not in module.__dict__:
+            object.__setattr__(module, _PATCH_ATTRIBUTE, patch_class(module))
+
+
+def disable_prefix_attention(model: nn.Module) -> None:
+    """Restore the attention implementations that ``enable_prefix_attention`` replaced, and remove its hooks.
+
+    Prefix sources stay on their modules and take effect again after the next
+    ``enable_prefix_attention``.
+    """
+    for config in _model_configs(model):
+        current = config._attn_implementation
+        if current is not None and current.startswith(IMPLEMENTATION_PREFIX):
+            config._attn_implementation_internal = current[len(IMPLEMENTATION_PREFIX):]
+    for module in model.modules():
+        patch = module.__dict__.pop(_PATCH_ATTRIBUTE, None)
+        if patch is not None:
+            patch.remove()
+
+
+def is_prefix_attention_enabled(model: nn.Module) -> bool:
+    """Return whether any config or attention module of ``model`` is routed through the prefix wrapper."""
+    if any((config._attn_implementation or "").startswith(IMPLEMENTATION_PREFIX) for config in _model_configs(model)):
+        return True
+    return any(_PATCH_ATTRIBUTE in module.__dict__ for module in model.modules())
+
+
+def _model_configs(model: nn.Module) -> list[PreTrainedConfig]:
+    """Return each distinct config that a module of ``model`` holds, and their sub-configs.
+
+    Some models copy their config for submodels (T5 copies it for the encoder and the decoder
+    stacks), so the attention modules can read configs other than ``model.config``.
+    """
+    pending = [module.config for module in model.modules() if isinstance(getattr(module, "config", None),
+                                                                          PreTrainedConfig)]
+    found: dict[int, PreTrainedConfig] = {}
+    while pending:
+        config = pending.pop()
+        if id(config) in found:
+            continue
+        found[id(config)] = config
+        for key in getattr(config, "sub_configs", {}) or {}:
+            sub_config = getattr(config, key, None)
+            if isinstance(sub_config, PreTrainedConfig):
+                pending.append(sub_config)
+    return list(found.values())
+
+
+def _check_supported(model: nn.Module) -> None:
+    for module in model.modules():
+        module_name = type(module).__module__
+        if not isinstance(module, PreTrainedModel) or not module_name.startswith("transformers.models."):
+            continue
+        modeling = sys.modules.get(module_name)
+        if module_name in _HOOKED_ATTENTION_CLASSES or hasattr(modeling, "ALL_ATTENTION_FUNCTIONS"):
+            continue
+        family = getattr(module.config, "model_type", module_name)
+        raise NotImplementedError(
+            f"prefix attention does not support the {family!r} family ({type(module).__name__}): its attention "
+            "computes the scores in its own forward instead of calling transformers' AttentionInterface, and "
+            "adapterkit has no hook patch for it. Supported without the interface: mpnet, deberta-v2")
+
+
+def _patch_class(module: nn.Module) -> type | None:
+    if _HOOKED_ATTENTION_CLASSES.get(type(module).__module__) != type(module).__name__:
+        return None
+    return _MPNetPatch if type(module).__name__ == "MPNetSelfAttention" else _DebertaV2Patch
+
+
+# -- the wrapper around the AttentionInterface -----------------------------------------------------
+
+class PrefixAttentionFunction:
+    """The attention function registered as ``adapterkit_prefix_<base>``.
+
+    An attention module calls it with its query ``(batch, heads, q_len, head_dim)``, its keys and
+    values after the cache update ``(batch, kv_heads, k_len, head_dim)`` and its 4-D mask (or
+    ``None``). It prepends the module's prefixes to the keys and values, attended columns to the
+    mask and zero columns to T5's ``position_bias``, then calls the base implementation.
+
+    With ``base_implementation == "sdpa"``, a ``None`` mask on a causal module makes SDPA apply
+    ``is_causal``, which is top-left aligned and so equals bottom-right alignment whenever
+    ``q_len == k_len``. In transformers 5.25 ``sdpa_mask`` returns ``None`` with more keys than
+    queries only on prefill into an empty static cache, where top-left is right. The prefix columns
+    would shift that pattern, so this function builds it as an explicit boolean mask. Eager takes
+    ``None`` as "attend everywhere" and keeps it.
+
+    NOTE: any other base keeps a ``None`` mask too, so a custom implementation that reads ``None`` as
+    causal, as SDPA does, would attend to future positions once a prefix is added.
+
+    Args:
+        base_implementation: The implementation to call, e.g. ``"sdpa"`` or ``"eager"``.
+    """
+
+    def __init__(self, base_implementation: str):
+        self.base_implementation = base_implementation
+
+    def __repr__(self) -> str:
+        return f"PrefixAttentionFunction({self.base_implementation!r})"
+
+    def __call__(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attention = self._base_function(module)
+        prefix = collect_prefix(module, query, key, value)
+        if prefix is None:
+            return attention(module, query, key, value, attention_mask, **kwargs)
+
+        prefix_key, prefix_value = prefix
+        length = prefix_key.shape[2]
+        if attention_mask is None and self.base_implementation == "sdpa":
+            attention_mask = _sdpa_causal_mask(module, query, key, kwargs.get("is_causal"))
+        if attention_mask is not None:
+            attend = True if attention_mask.dtype == torch.bool else 0.0
+            attention_mask = prepend_columns(attention_mask, length, attend)
+        if kwargs.get("position_bias") is not None:
+            kwargs["position_bias"] = prepend_columns(kwargs["position_bias"], length, 0.0)
+        key = torch.cat([prefix_key, key], dim=2)
+        value = torch.cat([prefix_value, value], dim=2)
+        return attention(module, query, key, value, attention_mask, **kwargs)
+
+    def _base_function(self, module: nn.Module) -> Callable:
+        if (self.base_implementation == "eager" and getattr(module, "reorder_and_upcast_attn", False)
+                and hasattr(module, "_upcast_and_reordered_attn")):
+            # GPT-2 with reorder_and_upcast_attn runs this method instead of the eager function.
+            return _call_upcast_and_reordered
+        # The attention modules pass their own modeling module's eager function as the default,
+        # and T5's takes position_bias, so the same default is looked up there.
+        default = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        function = ALL_ATTENTION_FUNCTIONS.get_interface(self.base_implementation, default)
+        if function is None:
+            raise RuntimeError(f"{type(module).__module__} defines no eager_attention_forward, so prefix attention "
+                               f"cannot run the {self.base_implementation!r} implementation for "
+                               f"{type(module).__name__}; use attn_implementation='sdpa'")
+        return function
+
+
+def _call_upcast_and_reordered(module, query, key, value, attention_mask, **kwargs):
+    return module._upcast_and_reordered_attn(query, key, value, attention_mask)
+
+
+def _sdpa_causal_mask(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                      is_causal: bool | None) -> torch.Tensor | None:
+    """Return the boolean ``(1, 1, q_len, k_len)`` mask that SDPA's ``is_causal`` would apply, or ``None``."""
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    q_len = query.shape[2]
+    if not is_causal or q_len == 1:
+        return None
+    return torch.ones(q_len, key.shape[2], dtype=torch.bool, device=query.device).tril()[None, None]
+
+
+def prepend_columns(tensor: torch.Tensor, count: int, fill: float | bool) -> torch.Tensor:
+    """Return ``tensor`` with ``count`` columns of ``fill`` before its last dimension's first column."""
+    columns = torch.full((*tensor.shape[:-1], count), fill, dtype=tensor.dtype, device=tensor.device)
+    return torch.cat([columns, tensor], dim=-1)
+
+
+# -- hook patches for attention modules outside the interface --------------------------------------
+
+class _HookPatch:
+    """Hooks on one attention module that computes the scores itself. Per-forward state is thread-local."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self._state = threading.local()
+        self._handles = []
+
+    def remove(self) -> None:
+        """Remove the hooks and any method override from the module."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._state = threading.local()
+
+    def _begin(self, module: nn.Module, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Collect the prefix and store its rows, ``(batch, length, heads * head_dim)``, for the projection hooks."""
+        self._state.length = 0
+        self._state.key_rows = None
+        self._state.value_rows = None
+        prefix = collect_prefix(module, query, query, query)
+        if prefix is None:
+            return None
+        prefix_key, prefix_value = prefix
+        batch, _, length, _ = prefix_key.shape
+        self._state.length = length
+        self._state.key_rows = prefix_key.transpose(1, 2).reshape(batch, length, -1)
+        self._state.value_rows = prefix_value.transpose(1, 2).reshape(batch, length, -1)
+        return prefix
+
+    def _take(self, name: str) -> torch.Tensor | None:
+        rows = getattr(self._state, name, None)
+        setattr(self._state, name, None)
+        return rows
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_state"] = None  # thread-local storage cannot be pickled or copied
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._state = threading.local()
+
+
+class _MPNetPatch(_HookPatch):
+    """Prefix attention for ``MPNetSelfAttention`` (transformers 5.25) through hooks.
+
+    MPNet reshapes its keys with the query's sequence length, so the key projection cannot return
+    more rows than the input has. The pre-hook therefore puts ``length`` zero rows before the hidden
+    states, and rows and columns of 0 before the mask and the relative position bias, so the prefix
+    columns are attended without bias. The key/value projection hooks replace those rows with the
+    prefix, and the output hook drops the extra query rows. The real query rows get exactly
+    ``softmax(q [P_k; K]^T / sqrt(d) + [0, bias] + [0, mask]) [P_v; V]``.
+
+    NOTE: when the module has a source, the pre-hook runs the query projection once more to hand the
+    query to the source, and the padded rows cost ``length`` extra query rows.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__(module)
+        self._handles = [
+            module.register_forward_pre_hook(self._before, with_kwargs=True),
+            module.register_forward_hook(self._after),
+            module.k.register_forward_hook(self._replace_key_rows),
+            module.v.register_forward_hook(self._replace_value_rows),
+        ]
+
+    def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        hidden_states = _argument(args, kwargs, 0, "hidden_states")
+        batch, length, _ = hidden_states.shape
+        query = module.q(hidden_states).view(batch, length, -1, module.attention_head_size).transpose(1, 2)
+        if self._begin(module, query) is None:
+            return None
+        count = self._state.length
+        args, kwargs = list(args), dict(kwargs)
+        hidden_states = torch.cat([hidden_states.new_zeros(batch, count, hidden_states.shape[-1]), hidden_states], 1)
+        _set_argument(args, kwargs, 0, "hidden_states", hidden_states)
+        for index, name in ((1, "attention_mask"), (2, "position_bias")):
+            tensor = _argument(args, kwargs, index, name)
+            if tensor is not None:
+                fill = True if tensor.dtype == torch.bool else 0.0
+                _set_argument(args, kwargs, index, name, _prepend_rows_and_columns(tensor, count, length, fill))
+        return tuple(args), kwargs
+
+    def _replace_key_rows(self, linear: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        rows = self._take("key_rows")
+        return None if rows is None else torch.cat([rows, output[:, rows.shape[1]:]], dim=1)
+
+    def _replace_value_rows(self, linear: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        rows = self._take("value_rows")
+        return None if rows is None else torch.cat([rows, output[:, rows.shape[1]:]], dim=1)
+
+    def _after(self, module: nn.Module, args: tuple, output: tuple) -> tuple | None:
+        count = getattr(self._state, "length", 0)
+        self._state.length = 0
+        if not count:
+            return None
+        # output is (attention output (batch, rows, hidden),) plus the probabilities
+        # (batch, heads, rows, columns) when output_attentions is set.
+        trimmed = (output[0][:, count:],)
+        if len(output) > 1:
+            trimmed += (output[1][:, :, count:],) + tuple(output[2:])
+        return trimmed
+
+
+class _DebertaV2Patch(_HookPatch):
+    """Prefix attention for DeBERTa-v2's ``DisentangledSelfAttention`` (transformers 5.25) through hooks.
+
+    The key/value projection hooks put the prefix rows before the projected keys and values, and the
+    pre-hook prepends attended columns to the mask. An instance attribute overrides
+    ``disentangled_attention_bias``, so the relative-position terms are computed on the real keys
+    only and are zero for the prefix columns. The content score of a prefix column is
+    ``q . p_k / sqrt(d * scale_factor)``, scaled like every content score of that module.
+
+    NOTE: when the module has a source, the pre-hook runs the query projection once more to hand the
+    query to the source.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__(module)
+        self._handles = [
+            module.register_forward_pre_hook(self._before, with_kwargs=True),
+            module.register_forward_hook(self._after),
+            module.key_proj.register_forward_hook(self._prepend_key_rows),
+            module.value_proj.register_forward_hook(self._prepend_value_rows),
+        ]
+        module.disentangled_attention_bias = self._relative_attention_bias
+
+    def remove(self) -> None:
+        self.module.__dict__.pop("disentangled_attention_bias", None)
+        super().remove()
+
+    def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        hidden_states = _argument(args, kwargs, 0, "hidden_states")
+        query_states = _argument(args, kwargs, 3, "query_states")
+        query_input = hidden_states if query_states is None else query_states
+        batch, length, _ = query_input.shape
+        query = module.query_proj(query_input).view(batch, length, module.num_attention_heads, -1).transpose(1, 2)
+        if self._begin(module, query) is None:
+            return None
+        args, kwargs = list(args), dict(kwargs)
+        mask = _argument(args, kwargs, 1, "attention_mask")
+        # DeBERTa-v2 attends where mask.bool() is True, so 1 marks the prefix columns as attended.
+        _set_argument(args, kwargs, 1, "attention_mask", prepend_columns(mask, self._state.length, 1))
+        return tuple(args), kwargs
+
+    def _prepend_key_rows(self, linear: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        # Only the first call takes the rows, because with share_att_key the bias computation calls
+        # key_proj again on the relative embeddings.
+        rows = self._take("key_rows")
+        return None if rows is None else torch.cat([rows, output], dim=1)
+
+    def _prepend_value_rows(self, linear: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        rows = self._take("value_rows")
+        return None if rows is None else torch.cat([rows, output], dim=1)
+
+    def _relative_attention_bias(self, query_layer: torch.Tensor, key_layer: torch.Tensor, relative_pos,
+                                 rel_embeddings: torch.Tensor, scale_factor: int):
+        count = getattr(self._state, "length", 0)
+        if count:
+            key_layer = key_layer[:, count:]
+        method = type(self.module).disentangled_attention_bias
+        score = method(self.module, query_layer, key_layer, relative_pos, rel_embeddings, scale_factor)
+        if count and isinstance(score, torch.Tensor):
+            score = F.pad(score, (count, 0))
+        return score
+
+    def _after(self, module: nn.Module, args: tuple, output: tuple) -> None:
+        self._state.length = 0
+
+
+def _argument(args: Sequence, kwargs: dict, index: int, name: str):
+    return args[index] if len(args) > index else kwargs.get(name)
+
+
+def _set_argument(args: list, kwargs: dict, index: int, name: str, value) -> None:
+    if len(args) > index:
+        args[index] = value
+    else:
+        kwargs[name] = value
+
+
+def _prepend_rows_and_columns(tensor: torch.Tensor, count: int, query_length: int, fill: float | bool) -> torch.Tensor:
+    """Prepend ``count`` columns of ``fill``, and ``count`` rows unless the row dimension is broadcast (size 1)."""
+    tensor = prepend_columns(tensor, count, fill)
+    if tensor.shape[-2] != query_length:
+        return tensor
+    rows = torch.full((*tensor.shape[:-2], count, tensor.shape[-1]), fill, dtype=tensor.dtype, device=tensor.device)
+    return torch.cat([rows, tensor], dim=-2)
+
+
+# The wrappers of the implementations every model uses are registered on import, so a pickled model
+# that was switched to them can run once this module is imported.
+for _base in ("sdpa", "eager"):
+    prefix_implementation(_base)

@@ -1,0 +1,757 @@
+"""Prefix keys and values inside tiny random transformers models of every supported family.
+
+Expected values come from the same model without prefixes, from single unpadded rows, from
+generation with and without a KV cache, or from attention computed by hand from the module weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import pickle
+
+import pytest
+import torch
+import transformers
+from torch import nn
+from torch.nn import functional as F
+
+from adapterkit.methods.prefix import PrefixTuning
+from adapterkit.prefix_attention import (
+    IMPLEMENTATION_PREFIX,
+    disable_prefix_attention,
+    enable_prefix_attention,
+    get_prefix_source,
+    is_prefix_attention_enabled,
+    set_prefix_source,
+)
+
+VOCAB_SIZE = 99
+PREFIX_LENGTH = 3
+DECODERS = ("gpt2", "llama", "mistral", "qwen2", "gemma3")
+ENCODERS = ("bert", "roberta", "distilbert", "electra", "mpnet", "deberta-v2")
+SEQ2SEQ = ("t5", "bart")
+FAMILIES = ENCODERS + DECODERS + SEQ2SEQ
+# MPNet and DeBERTa-v2 have only their own attention code, which transformers calls "eager".
+HOOKED = ("mpnet", "deberta-v2")
+INTERFACE_FAMILIES = tuple(family for family in FAMILIES if family not in HOOKED)
+FAMILY_IMPLEMENTATIONS = [(family, implementation) for family in FAMILIES for implementation in ("sdpa", "eager")
+                          if not (family in HOOKED and implementation == "sdpa")]
+
+# Suffixes of the attention modules' names, as adapterkit's architecture descriptions name them.
+ATTENTION_PATHS = {
+    "bert": ("attention.self",), "roberta": ("attention.self",), "electra": ("attention.self",),
+    "deberta-v2": ("attention.self",), "distilbert": ("attention",), "mpnet": ("attention.attn",),
+    "gpt2": ("attn",), "llama": ("self_attn",), "mistral": ("self_attn",), "qwen2": ("self_attn",),
+    "gemma3": ("self_attn",), "t5": ("layer.0.SelfAttention", "layer.1.EncDecAttention"),
+    "bart": ("self_attn", "encoder_attn"),
+}
+
+
+def tiny_config(family: str) -> transformers.PreTrainedConfig:
+    """Return a config with hidden size 32, 2 layers, 4 heads, and 2 key/value heads where the family has GQA."""
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                  vocab_size=VOCAB_SIZE, max_position_embeddings=64)
+    decoder = dict(common, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=98)
+    if family == "bert":
+        return transformers.BertConfig(**common)
+    if family == "roberta":
+        return transformers.RobertaConfig(**common, pad_token_id=1)
+    if family == "electra":
+        return transformers.ElectraConfig(**common, embedding_size=32)
+    if family == "distilbert":
+        return transformers.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=37, vocab_size=VOCAB_SIZE,
+                                             max_position_embeddings=64)
+    if family == "mpnet":
+        return transformers.MPNetConfig(**common)
+    if family == "deberta-v2":
+        # The DeBERTa-v3 settings: shared position projections, both relative terms, log buckets.
+        return transformers.DebertaV2Config(**common, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                                            position_buckets=8, max_relative_positions=-1, share_att_key=True,
+                                            norm_rel_ebd="layer_norm")
+    if family == "gpt2":
+        return transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB_SIZE, n_positions=64,
+                                       pad_token_id=0, bos_token_id=1, eos_token_id=98)
+    if family == "llama":
+        return transformers.LlamaConfig(**decoder)
+    if family == "mistral":
+        return transformers.MistralConfig(**decoder, sliding_window=None)
+    if family == "qwen2":
+        return transformers.Qwen2Config(**decoder)
+    if family == "gemma3":
+        # A sliding window shorter than the test sequences, so the sliding layer gets a real window mask.
+        return transformers.Gemma3TextConfig(**decoder, head_dim=8, query_pre_attn_scalar=8, sliding_window=4,
+                                             layer_types=["sliding_attention", "full_attention"])
+    if family == "t5":
+        # d_kv * num_heads = 64 differs from d_model = 32.
+        return transformers.T5Config(d_model=32, d_kv=16, num_heads=4, num_layers=2, d_ff=37, vocab_size=VOCAB_SIZE,
+                                     decoder_start_token_id=0, pad_token_id=0, eos_token_id=98)
+    if family == "bart":
+        return transformers.BartConfig(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                                       decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37,
+                                       vocab_size=VOCAB_SIZE, max_position_embeddings=64, pad_token_id=1,
+                                       bos_token_id=0, eos_token_id=98, decoder_start_token_id=2,
+                                       forced_eos_token_id=None)
+    raise ValueError(f"no tiny config for family {family!r}")
+
+
+def build_model(family: str, implementation: str = "sdpa", seed: int = 0) -> nn.Module:
+    """Return a tiny random model of ``family`` in eval mode: a base encoder, a causal LM or a seq2seq LM."""
+    if family in HOOKED:
+        implementation = "eager"
+    torch.manual_seed(seed)
+    config = tiny_config(family)
+    if family in DECODERS:
+        auto = transformers.AutoModelForCausalLM
+    elif family in SEQ2SEQ:
+        auto = transformers.AutoModelForSeq2SeqLM
+    else:
+        auto = transformers.AutoModel
+    return auto.from_config(config, attn_implementation=implementation).eval()
+
+
+def attention_modules(model: nn.Module, family: str) -> list[nn.Module]:
+    suffixes = ATTENTION_PATHS[family]
+    return [module for name, module in model.named_modules()
+            if any(name == suffix or name.endswith("." + suffix) for suffix in suffixes)]
+
+
+def kv_shape(model: nn.Module) -> tuple[int, int]:
+    """Return ``(key/value heads, head size)`` read from the config, independently of the code under test."""
+    config = model.config
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or config.hidden_size // heads
+    return kv_heads, head_dim
+
+
+class FixedPrefix:
+    """A picklable prefix source that returns the same key and value at every call."""
+
+    def __init__(self, key: torch.Tensor, value: torch.Tensor):
+        self.key = key
+        self.value = value
+        self.calls = 0
+
+    def __call__(self, module: nn.Module, query: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        self.calls += 1
+        return [(self.key.to(query.dtype), self.value.to(query.dtype))]
+
+
+class LayerPrefix:
+    """A picklable prefix source that reads one layer of a ``PrefixTuning``."""
+
+    def __init__(self, prefix: PrefixTuning, layer: int):
+        self.prefix = prefix
+        self.layer = layer
+
+    def __call__(self, module: nn.Module, query: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        keys, values = self.prefix.layer_prefix(self.layer)
+        return [(keys.unsqueeze(0).to(query.dtype), values.unsqueeze(0).to(query.dtype))]
+
+
+def attach_prefixes(model: nn.Module, family: str, length: int = PREFIX_LENGTH, seed: int = 5) -> list[FixedPrefix]:
+    """Give every attention module of ``model`` a random prefix of ``length`` positions and batch size 1."""
+    kv_heads, head_dim = kv_shape(model)
+    generator = torch.Generator().manual_seed(seed)
+    sources = []
+    for module in attention_modules(model, family):
+        key = torch.randn(1, kv_heads, length, head_dim, generator=generator)
+        value = torch.randn(1, kv_heads, length, head_dim, generator=generator)
+        source = FixedPrefix(key, value)
+        set_prefix_source(module, source)
+        sources.append(source)
+    assert sources, f"no attention module found for {family}"
+    return sources
+
+
+def token_ids(batch: int = 2, length: int = 7, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB_SIZE - 1, (batch, length), generator=generator)
+
+
+def seq2seq_inputs(batch: int = 2) -> dict:
+    return {"input_ids": token_ids(batch, 7), "decoder_input_ids": token_ids(batch, 4, seed=2)}
+
+
+@torch.no_grad()
+def run(model: nn.Module, family: str, **inputs) -> torch.Tensor:
+    """Return the model's main output: logits for LMs, the last hidden state for encoders."""
+    if not inputs:
+        inputs = seq2seq_inputs() if family in SEQ2SEQ else {"input_ids": token_ids()}
+    output = model(**inputs)
+    return output.logits if hasattr(output, "logits") else output.last_hidden_state
+
+
+# -- output changes, and nothing changes without a source -----------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_changes_output(family):
+    model = build_model(family)
+    bare = run(model, family)
+    enable_prefix_attention(model)
+    sources = attach_prefixes(model, family)
+
+    prefixed = run(model, family)
+
+    assert all(source.calls >= 1 for source in sources)
+    assert (prefixed - bare).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize(("family", "implementation"), FAMILY_IMPLEMENTATIONS)
+def test_enabled_without_source_is_bitwise_equal(family, implementation):
+    model = build_model(family, implementation)
+    bare = run(model, family)
+    enable_prefix_attention(model)
+
+    assert torch.equal(run(model, family), bare)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_disable_restores_bitwise(family):
+    model = build_model(family)
+    configs_before = {id(module.config): module.config._attn_implementation
+                      for module in model.modules() if isinstance(getattr(module, "config", None),
+                                                                   transformers.PreTrainedConfig)}
+    bare = run(model, family)
+    enable_prefix_attention(model)
+    enable_prefix_attention(model)  # a second call changes nothing
+    attach_prefixes(model, family)
+    assert is_prefix_attention_enabled(model)
+
+    disable_prefix_attention(model)
+
+    assert not is_prefix_attention_enabled(model)
+    assert torch.equal(run(model, family), bare)
+    configs_after = {id(module.config): module.config._attn_implementation
+                     for module in model.modules() if isinstance(getattr(module, "config", None),
+                                                                  transformers.PreTrainedConfig)}
+    assert configs_after == configs_before
+    assert not [name for name, module in model.named_modules()
+                if module._forward_hooks or module._forward_pre_hooks or "disentangled_attention_bias" in vars(module)]
+
+
+def test_enable_switches_copied_configs():
+    model = build_model("t5")
+    enable_prefix_attention(model)
+
+    # T5 copies its config for the encoder and decoder stacks, and the attention modules read those copies.
+    for module in attention_modules(model, "t5"):
+        assert module.config._attn_implementation == IMPLEMENTATION_PREFIX + "sdpa"
+    assert model.config._attn_implementation == IMPLEMENTATION_PREFIX + "sdpa"
+
+
+def test_source_removed_restores_output():
+    model = build_model("llama")
+    bare = run(model, "llama")
+    enable_prefix_attention(model)
+    attach_prefixes(model, "llama")
+    for module in attention_modules(model, "llama"):
+        set_prefix_source(module, None)
+
+    assert get_prefix_source(attention_modules(model, "llama")[0]) is None
+    assert torch.equal(run(model, "llama"), bare)
+
+
+def test_module_source_is_not_a_submodule():
+    model = build_model("llama")
+    prefix = PrefixTuning(2, 2, 8, 32, prefix_length=2, bottleneck_size=4)
+    names_before = [name for name, _ in model.named_parameters()]
+    set_prefix_source(model.model.layers[0].self_attn, LayerPrefix(prefix, 0))
+    set_prefix_source(model.model.layers[1].self_attn, prefix)  # an nn.Module as the attribute value
+
+    assert [name for name, _ in model.named_parameters()] == names_before
+    assert "adapterkit_prefix_source" not in model.state_dict()
+
+
+# -- hand-computed attention ---------------------------------------------------------------------
+
+
+def capture_call(module: nn.Module) -> dict:
+    """Record the arguments ``module`` is called with (before other pre-hooks) and its final output."""
+    record = {}
+
+    def before(_, args, kwargs):
+        record["args"], record["kwargs"] = args, dict(kwargs)
+
+    def after(_, args, kwargs, output):
+        record["output"] = output
+
+    record["handles"] = [module.register_forward_pre_hook(before, with_kwargs=True, prepend=True),
+                         module.register_forward_hook(after, with_kwargs=True)]
+    return record
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def hand_attention(query, keys, values, bias):
+    """``softmax(query keys^T + bias) values``, ``(batch, heads, q_len, d)`` to ``(batch, q_len, heads * d)``."""
+    probabilities = torch.softmax(query @ keys.transpose(-1, -2) + bias, dim=-1)
+    output = probabilities @ values
+    return output.transpose(1, 2).reshape(query.shape[0], query.shape[2], -1)
+
+
+def heads(x: torch.Tensor, count: int) -> torch.Tensor:
+    """``(batch, seq, count * d)`` to ``(batch, count, seq, d)``."""
+    return x.view(x.shape[0], x.shape[1], count, -1).transpose(1, 2)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_llama_attention_matches_hand_computation(implementation):
+    model = build_model("llama", implementation)
+    enable_prefix_attention(model)
+    sources = attach_prefixes(model, "llama")
+    attention = model.model.layers[1].self_attn
+    record = capture_call(attention)
+    run(model, "llama")
+
+    hidden = record["kwargs"]["hidden_states"]
+    cos, sin = record["kwargs"]["position_embeddings"]
+    batch, length, _ = hidden.shape
+    query = heads(F.linear(hidden, attention.q_proj.weight), 4)
+    key = heads(F.linear(hidden, attention.k_proj.weight), 2)
+    value = heads(F.linear(hidden, attention.v_proj.weight), 2)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    query = query * cos + rotate_half(query) * sin
+    key = key * cos + rotate_half(key) * sin
+    prefix = sources[1]
+    keys = torch.cat([prefix.key.expand(batch, -1, -1, -1), key], dim=2).repeat_interleave(2, dim=1)
+    values = torch.cat([prefix.value.expand(batch, -1, -1, -1), value], dim=2).repeat_interleave(2, dim=1)
+    visible = torch.cat([torch.ones(length, PREFIX_LENGTH, dtype=torch.bool),
+                         torch.ones(length, length, dtype=torch.bool).tril()], dim=1)
+    bias = torch.zeros(visible.shape).masked_fill(~visible, float("-inf"))
+    expected = F.linear(hand_attention(query / math.sqrt(8), keys, values, bias), attention.o_proj.weight)
+
+    torch.testing.assert_close(record["output"][0], expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_bert_attention_matches_hand_computation(implementation):
+    model = build_model("bert", implementation)
+    enable_prefix_attention(model)
+    sources = attach_prefixes(model, "bert")
+    attention = model.encoder.layer[0].attention.self
+    record = capture_call(attention)
+    padding = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    run(model, "bert", input_ids=token_ids(), attention_mask=padding)
+
+    hidden = record["args"][0] if record["args"] else record["kwargs"]["hidden_states"]
+    query = heads(attention.query(hidden), 4)
+    keys = torch.cat([sources[0].key.expand(2, -1, -1, -1), heads(attention.key(hidden), 4)], dim=2)
+    values = torch.cat([sources[0].value.expand(2, -1, -1, -1), heads(attention.value(hidden), 4)], dim=2)
+    visible = torch.cat([torch.ones(2, PREFIX_LENGTH, dtype=torch.bool), padding.bool()], dim=1)
+    bias = torch.zeros(visible.shape).masked_fill(~visible, float("-inf"))[:, None, None, :]
+    expected = hand_attention(query / math.sqrt(8), keys, values, bias)
+
+    torch.testing.assert_close(record["output"][0], expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_t5_relative_bias_is_zero_on_prefix(implementation):
+    model = build_model("t5", implementation)
+    enable_prefix_attention(model)
+    sources = attach_prefixes(model, "t5")
+    attention = model.encoder.block[0].layer[0].SelfAttention
+    record = capture_call(attention)
+    padding = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+    inputs = seq2seq_inputs()
+    run(model, "t5", attention_mask=padding, **inputs)
+
+    hidden = record["args"][0]
+    position_bias = attention.compute_bias(7, 7)
+    query = heads(attention.q(hidden), 4)
+    keys = torch.cat([sources[0].key.expand(2, -1, -1, -1), heads(attention.k(hidden), 4)], dim=2)
+    values = torch.cat([sources[0].value.expand(2, -1, -1, -1), heads(attention.v(hidden), 4)], dim=2)
+    visible = torch.cat([torch.ones(2, PREFIX_LENGTH, dtype=torch.bool), padding.bool()], dim=1)[:, None, None, :]
+    bias = F.pad(position_bias, (PREFIX_LENGTH, 0)).masked_fill(~visible, float("-inf"))
+    expected = attention.o(hand_attention(query, keys, values, bias))
+
+    output, returned_bias, _ = record["output"]
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=0)
+    # The next layers reuse the returned bias, which must keep the real key length.
+    torch.testing.assert_close(returned_bias, position_bias)
+
+
+def test_mpnet_attention_matches_hand_computation():
+    model = build_model("mpnet")
+    enable_prefix_attention(model)
+    sources = attach_prefixes(model, "mpnet")
+    attention = model.encoder.layer[1].attention.attn
+    record = capture_call(attention)
+    padding = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    run(model, "mpnet", input_ids=token_ids(), attention_mask=padding)
+
+    hidden, _, position_bias = record["args"][:3]
+    query = heads(attention.q(hidden), 4)
+    keys = torch.cat([sources[1].key.expand(2, -1, -1, -1), heads(attention.k(hidden), 4)], dim=2)
+    values = torch.cat([sources[1].value.expand(2, -1, -1, -1), heads(attention.v(hidden), 4)], dim=2)
+    visible = torch.cat([torch.ones(2, PREFIX_LENGTH, dtype=torch.bool), padding.bool()], dim=1)[:, None, None, :]
+    bias = F.pad(position_bias, (PREFIX_LENGTH, 0)).masked_fill(~visible, float("-inf"))
+    expected = attention.o(hand_attention(query / math.sqrt(8), keys, values, bias))
+
+    torch.testing.assert_close(record["output"][0], expected, atol=1e-5, rtol=0)
+    assert record["output"][0].shape == hidden.shape
+
+
+def test_deberta_v2_attention_matches_hand_computation():
+    model = build_model("deberta-v2")
+    enable_prefix_attention(model)
+    sources = attach_prefixes(model, "deberta-v2")
+    attention = model.encoder.layer[1].attention.self
+    record = capture_call(attention)
+    padding = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    run(model, "deberta-v2", input_ids=token_ids(), attention_mask=padding)
+
+    hidden = record["args"][0]
+    relative_pos, rel_embeddings = record["kwargs"]["relative_pos"], record["kwargs"]["rel_embeddings"]
+    batch_heads = (2 * 4, 7, 8)
+    query_layer = heads(attention.query_proj(hidden), 4).reshape(batch_heads)
+    key_layer = heads(attention.key_proj(hidden), 4).reshape(batch_heads)
+    # The relative terms on the real keys, from transformers' own method (the class attribute,
+    # not the instance override that the patch installs).
+    relative = type(attention).disentangled_attention_bias(attention, query_layer, key_layer, relative_pos,
+                                                           rel_embeddings, 3).view(2, 4, 7, 7)
+    query = heads(attention.query_proj(hidden), 4)
+    keys = torch.cat([sources[1].key.expand(2, -1, -1, -1), heads(attention.key_proj(hidden), 4)], dim=2)
+    values = torch.cat([sources[1].value.expand(2, -1, -1, -1), heads(attention.value_proj(hidden), 4)], dim=2)
+    visible = torch.cat([torch.ones(2, PREFIX_LENGTH, dtype=torch.bool), padding.bool()], dim=1)[:, None, None, :]
+    bias = F.pad(relative, (PREFIX_LENGTH, 0)).masked_fill(~visible, float("-inf"))
+    expected = hand_attention(query / math.sqrt(8 * 3), keys, values, bias)
+
+    # DeBERTa masks the padded query rows of row 1 in full, so only its real query rows are compared.
+    torch.testing.assert_close(record["output"][0][0], expected[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(record["output"][0][1, :4], expected[1, :4], atol=1e-5, rtol=0)
+
+
+# -- padding, implementations and generation -----------------------------------------------------
+
+
+def padded_batch(family: str) -> tuple[dict, list[dict], list[slice]]:
+    """Return a padded batch, each row's unpadded inputs, and each row's real positions in the batch output."""
+    ids = token_ids(2, 7)
+    lengths = (7, 4)
+    if family in DECODERS:
+        # Left padding, with position ids counted from the first real token as generate() does.
+        mask = torch.tensor([[1] * 7, [0] * 3 + [1] * 4])
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        batch = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids}
+        rows = [{"input_ids": ids[i:i + 1, 7 - n:]} for i, n in enumerate(lengths)]
+        return batch, rows, [slice(7 - n, 7) for n in lengths]
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    batch = {"input_ids": ids, "attention_mask": mask}
+    rows = [{"input_ids": ids[i:i + 1, :n]} for i, n in enumerate(lengths)]
+    if family in SEQ2SEQ:
+        decoder_ids = token_ids(2, 4, seed=2)
+        batch["decoder_input_ids"] = decoder_ids
+        for i, row in enumerate(rows):
+            row["decoder_input_ids"] = decoder_ids[i:i + 1]
+        return batch, rows, [slice(0, 4)] * 2
+    return batch, rows, [slice(0, n) for n in lengths]
+
+
+@pytest.mark.parametrize(("family", "implementation"), FAMILY_IMPLEMENTATIONS)
+def test_padded_rows_equal_single_rows(family, implementation):
+    model = build_model(family, implementation)
+    enable_prefix_attention(model)
+    attach_prefixes(model, family)
+    batch, rows, positions = padded_batch(family)
+
+    batch_output = run(model, family, **batch)
+
+    for index, (row, real) in enumerate(zip(rows, positions)):
+        torch.testing.assert_close(batch_output[index, real], run(model, family, **row)[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", INTERFACE_FAMILIES)
+def test_sdpa_and_eager_agree(family):
+    outputs = []
+    for implementation in ("sdpa", "eager"):
+        model = build_model(family, implementation)
+        enable_prefix_attention(model)
+        attach_prefixes(model, family)
+        outputs.append(run(model, family))
+
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-4)
+
+
+def test_gpt2_reordered_upcast_attention():
+    model = build_model("gpt2", "eager")
+    model.config.reorder_and_upcast_attn = True
+    for module in attention_modules(model, "gpt2"):
+        module.reorder_and_upcast_attn = True
+    bare = run(model, "gpt2")
+    enable_prefix_attention(model)
+    assert torch.equal(run(model, "gpt2"), bare)
+
+    attach_prefixes(model, "gpt2")
+    reordered = run(model, "gpt2")
+    sdpa_model = build_model("gpt2", "sdpa")
+    enable_prefix_attention(sdpa_model)
+    attach_prefixes(sdpa_model, "gpt2")
+
+    torch.testing.assert_close(reordered, run(sdpa_model, "gpt2"), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert", "mpnet", "deberta-v2"])
+def test_attention_weights_include_prefix_columns(family):
+    model = build_model(family, "eager")
+    enable_prefix_attention(model)
+    attach_prefixes(model, family)
+
+    with torch.no_grad():
+        attentions = model(input_ids=token_ids(2, 7), output_attentions=True).attentions
+
+    assert len(attentions) == 2
+    for weights in attentions:
+        assert weights.shape == (2, 4, 7, PREFIX_LENGTH + 7)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 7))
+        assert weights[..., :PREFIX_LENGTH].min() > 0
+
+
+def test_multimodal_gemma3_switches_sub_configs():
+    text_config = tiny_config("gemma3")
+    vision_config = transformers.SiglipVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                    intermediate_size=37, image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=text_config.to_dict(), vision_config=vision_config.to_dict(),
+                                       mm_tokens_per_image=4, image_token_index=97, boi_token_index=95,
+                                       eoi_token_index=96)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    ids = token_ids(2, 5)
+    bare = run(model, "gemma3", input_ids=ids)
+    enable_prefix_attention(model)
+    language_attention = [module for name, module in model.named_modules()
+                          if name.startswith("model.language_model.") and name.endswith(".self_attn")]
+    for module in language_attention:
+        set_prefix_source(module, FixedPrefix(torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8)))
+
+    assert model.config.text_config._attn_implementation == IMPLEMENTATION_PREFIX + "sdpa"
+    assert model.config.vision_config._attn_implementation == IMPLEMENTATION_PREFIX + "sdpa"
+    assert all(module.config._attn_implementation == IMPLEMENTATION_PREFIX + "sdpa" for module in language_attention)
+    assert (run(model, "gemma3", input_ids=ids) - bare).abs().max() > 1e-2
+    disable_prefix_attention(model)
+    assert model.config.text_config._attn_implementation == "sdpa"
+    assert model.config.vision_config._attn_implementation == "sdpa"
+    assert torch.equal(run(model, "gemma3", input_ids=ids), bare)
+
+
+def test_set_attn_implementation_after_enable():
+    model = build_model("llama", "sdpa")
+    enable_prefix_attention(model)
+    attach_prefixes(model, "llama")
+    prefixed = run(model, "llama")
+    disable_prefix_attention(model)
+    model.set_attn_implementation("eager")
+    enable_prefix_attention(model)
+
+    assert model.config._attn_implementation == IMPLEMENTATION_PREFIX + "eager"
+    torch.testing.assert_close(run(model, "llama"), prefixed, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt2", "gemma3", "t5", "bart"])
+def test_generate_with_and_without_cache(family, implementation):
+    model = build_model(family, implementation)
+    enable_prefix_attention(model)
+    attach_prefixes(model, family)
+    inputs = {"input_ids": token_ids(2, 5), "attention_mask": torch.ones(2, 5, dtype=torch.long)}
+    settings = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=model.config.pad_token_id)
+
+    with torch.no_grad():
+        cached = model.generate(**inputs, use_cache=True, **settings)
+        uncached = model.generate(**inputs, use_cache=False, **settings)
+
+    assert torch.equal(cached, uncached)
+    if family in SEQ2SEQ:
+        start = torch.full((2, 1), model.config.decoder_start_token_id)
+        logits = run(model, family, decoder_input_ids=start, **inputs)
+        first = cached[:, 1]
+    else:
+        logits = run(model, family, **inputs)
+        first = cached[:, 5]
+    # min_new_tokens stops generate() from choosing the end-of-sequence token, so the plain argmax skips it too.
+    next_logits = logits[:, -1].clone()
+    next_logits[:, model.config.eos_token_id] = float("-inf")
+    assert torch.equal(first, next_logits.argmax(-1))
+
+
+def test_generate_left_padded_with_and_without_cache():
+    model = build_model("llama")
+    enable_prefix_attention(model)
+    attach_prefixes(model, "llama")
+    mask = torch.tensor([[1] * 6, [0] * 2 + [1] * 4])
+    settings = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+
+    with torch.no_grad():
+        cached = model.generate(input_ids=token_ids(2, 6), attention_mask=mask, use_cache=True, **settings)
+        uncached = model.generate(input_ids=token_ids(2, 6), attention_mask=mask, use_cache=False, **settings)
+        alone = model.generate(input_ids=token_ids(2, 6)[1:, 2:], use_cache=True, **settings)
+
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached[1, 6:], alone[0, 4:])
+
+
+@pytest.mark.parametrize("settings", [{"cache_implementation": "static"}, {"num_beams": 2}],
+                         ids=["static-cache", "beam-search"])
+def test_generate_variants_match_dynamic_cache(settings):
+    # Prefill into an empty static cache gives the sdpa wrapper a None mask with more keys than
+    # queries, and beam search expands the batch after the prefix sources were written for batch 1.
+    model = build_model("llama")
+    enable_prefix_attention(model)
+    attach_prefixes(model, "llama")
+    inputs = {"input_ids": token_ids(2, 5), "attention_mask": torch.ones(2, 5, dtype=torch.long)}
+    common = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+
+    with torch.no_grad():
+        reference = model.generate(**inputs, use_cache=False, num_beams=settings.get("num_beams", 1), **common)
+        variant = model.generate(**inputs, **settings, **common)
+
+    assert torch.equal(variant, reference)
+
+
+def test_cache_holds_no_prefix():
+    model = build_model("llama")
+    enable_prefix_attention(model)
+    attach_prefixes(model, "llama")
+
+    with torch.no_grad():
+        output = model(input_ids=token_ids(2, 5), use_cache=True)
+
+    assert output.past_key_values.get_seq_length() == 5
+    assert output.past_key_values.layers[0].keys.shape[2] == 5
+
+
+# -- copies, gradients, dtypes -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "t5", "mpnet", "deberta-v2"])
+def test_deepcopy_and_pickle_keep_outputs(family):
+    model = build_model(family)
+    enable_prefix_attention(model)
+    attach_prefixes(model, family)
+    prefixed = run(model, family)
+
+    copied = copy.deepcopy(model)
+    unpickled = pickle.loads(pickle.dumps(model))
+
+    assert torch.equal(run(copied, family), prefixed)
+    assert torch.equal(run(unpickled, family), prefixed)
+    assert get_prefix_source(attention_modules(unpickled, family)[0]) is not None
+    disable_prefix_attention(copied)
+    set_prefix_source(attention_modules(model, family)[0], None)
+    assert torch.equal(run(unpickled, family), prefixed)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "t5", "mpnet", "deberta-v2"])
+def test_gradient_reaches_prefix_only(family):
+    model = build_model(family)
+    model.requires_grad_(False)
+    enable_prefix_attention(model)
+    kv_heads, head_dim = kv_shape(model)
+    modules = attention_modules(model, family)
+    torch.manual_seed(3)
+    prefix = PrefixTuning(len(modules), kv_heads, head_dim, 32, prefix_length=2, bottleneck_size=8)
+    for layer, module in enumerate(modules):
+        set_prefix_source(module, LayerPrefix(prefix, layer))
+    inputs = seq2seq_inputs() if family in SEQ2SEQ else {"input_ids": token_ids()}
+
+    output = model(**inputs)
+    main = output.logits if hasattr(output, "logits") else output.last_hidden_state
+    main.square().sum().backward()
+
+    assert not [name for name, p in model.named_parameters() if p.grad is not None]
+    missing = [name for name, p in prefix.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+@pytest.mark.parametrize("family", ["llama", "bert", "t5", "gpt2", "mpnet", "deberta-v2"])
+def test_bfloat16_model_keeps_dtype(family):
+    model = build_model(family)
+    enable_prefix_attention(model)
+    sources = attach_prefixes(model, family)
+    reference = run(model, family)
+    model.to(torch.bfloat16)
+    for source in sources:
+        source.key, source.value = source.key.bfloat16(), source.value.bfloat16()
+    returned = []
+
+    def spy(module, args, output):
+        returned.append(output[0].dtype)
+
+    handles = [module.register_forward_hook(spy) for module in attention_modules(model, family)]
+    output = run(model, family)
+    for handle in handles:
+        handle.remove()
+
+    assert output.dtype == torch.bfloat16
+    assert set(returned) == {torch.bfloat16}
+    torch.testing.assert_close(output.float(), reference, atol=0.15, rtol=0.1)
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+def test_flash_implementation_rejected():
+    model = build_model("llama")
+    model.config._attn_implementation_internal = "flash_attention_2"
+
+    with pytest.raises(ValueError, match="flash_attention_2.*sdpa"):
+        enable_prefix_attention(model)
+    assert model.config._attn_implementation == "flash_attention_2"
+
+
+def test_deberta_v1_not_implemented():
+    torch.manual_seed(0)
+    config = transformers.DebertaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                        intermediate_size=37, vocab_size=VOCAB_SIZE)
+    model = transformers.AutoModel.from_config(config)
+
+    with pytest.raises(NotImplementedError, match="'deberta'"):
+        enable_prefix_attention(model)
+
+
+@pytest.mark.parametrize("family", ["llama", "mpnet"])
+def test_wrong_prefix_shape_rejected(family):
+    model = build_model(family)
+    enable_prefix_attention(model)
+    kv_heads, head_dim = kv_shape(model)
+    module = attention_modules(model, family)[0]
+    set_prefix_source(module, FixedPrefix(torch.zeros(1, kv_heads + 1, 2, head_dim),
+                                          torch.zeros(1, kv_heads + 1, 2, head_dim)))
+
+    with pytest.raises(ValueError, match=f"expected \\(1 or 2, {kv_heads}, prefix_length, {head_dim}\\)"):
+        run(model, family)
+
+
+def test_non_callable_source_rejected():
+    model = build_model("bert")
+
+    with pytest.raises(TypeError, match="not callable"):
+        set_prefix_source(model.encoder.layer[0].attention.self, "prefix")
+
+
+def test_several_prefixes_concatenate_in_order():
+    model = build_model("bert")
+    enable_prefix_attention(model)
+    kv_heads, head_dim = kv_shape(model)
+    generator = torch.Generator().manual_seed(4)
+    parts = [(torch.randn(1, kv_heads, n, head_dim, generator=generator),
+              torch.randn(1, kv_heads, n, head_dim, generator=generator)) for n in (2, 3)]
+    modules = attention_modules(model, "bert")
+
+    class TwoPrefixes:
+        def __call__(self, module, query):
+            return parts
+
+    for module in modules:
+        set_prefix_source(module, TwoPrefixes())
+    two = run(model, "bert")
+    joined = FixedPrefix(torch.cat([parts[0][0], parts[1][0]], dim=2), torch.cat([parts[0][1], parts[1][1]], dim=2))
+    for module in modules:
+        set_prefix_source(module, joined)
+
+    torch.testing.assert_close(run(model, "bert"), two, atol=1e-6, rtol=0)
