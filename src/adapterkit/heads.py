@@ -12,7 +12,7 @@ from .architectures import find_base_model
 
 logger = logging.getLogger(__name__)
 
-# Whether from_pretrained keeps the _is_hf_initialized mark on loaded parameters: transformers 5 does, 4.57 loses it.
+# Whether from_pretrained keeps the _is_hf_initialized mark on loaded parameters. transformers 5 keeps it, 4.57 loses it.
 _LOADED_PARAMETERS_MARKED = int(transformers.__version__.split(".")[0]) >= 5
 
 # The attribute under which adapterkit stores its modules on the model; never part of the head.

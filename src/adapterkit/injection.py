@@ -35,6 +35,9 @@ SiteKey = tuple
 Lookup = Callable[[SiteKey], Sequence[tuple[MethodConfig, Any]]]
 
 _CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value")
+# Names of the attention mask argument: T5's attention modules and DistilBERT's in transformers 4.57 take
+# ``mask``, and DistilBERT's blocks in 4.57 take ``attn_mask``.
+_MASK_KEYWORDS = ("attention_mask", "attn_mask", "mask")
 _STATE_ATTRIBUTE = "_adapterkit_conv_state"
 
 
@@ -173,27 +176,32 @@ class SublayerSite(Site):
         causal: Whether the block's stack is causal (decides how padding masks are read).
         lookup: Called at every forward to get the adapters that run here.
         family: Model family, for error messages.
+        mask_source: The module whose inputs carry the attention mask and KV cache: the block's
+            self-attention module, or the block itself when the description names none.
     """
 
     def __init__(self, key: SiteKey, block: nn.Module, spec: SublayerSpec, causal: bool, lookup: Lookup,
-                 family: str = ""):
+                 family: str = "", mask_source: nn.Module | None = None):
         super().__init__(key, lookup)
         self.causal = causal
         self.output_module = get_submodule(block, spec.output, family=family)
         self.residual_module = get_submodule(block, spec.residual.module, family=family)
         self.layer_norm = get_submodule(block, spec.layer_norm, family=family) if spec.layer_norm else None
         self.residual_input = spec.residual
-        # GPT-2, T5 and BART pass the attention mask and cache to their blocks by position.
-        self._block_arguments = positional_names(block)
+        # transformers 5 checkpoints a block by calling its forward directly, so hooks on the block
+        # itself do not run again during recomputation; hooks on modules inside it do.
+        mask_source = block if mask_source is None else mask_source
+        # GPT-2, T5 and BART pass the attention mask and cache by position.
+        self._block_arguments = positional_names(mask_source)
         self._handles = [
-            block.register_forward_pre_hook(self._capture_block_inputs, with_kwargs=True),
+            mask_source.register_forward_pre_hook(self._capture_block_inputs, with_kwargs=True),
             self.residual_module.register_forward_pre_hook(self._capture_residual, with_kwargs=True),
             self.output_module.register_forward_hook(self._replace_output),
         ]
 
     def _capture_block_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         inputs = {**dict(zip(self._block_arguments, args)), **kwargs}
-        self._captured.attention_mask = inputs.get("attention_mask")
+        self._captured.attention_mask = next((inputs[k] for k in _MASK_KEYWORDS if inputs.get(k) is not None), None)
         self._captured.cache = next((inputs[k] for k in _CACHE_KEYWORDS if inputs.get(k) is not None), None)
 
     def _capture_residual(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -342,11 +350,10 @@ class PrefixSite(Site):
 
         Encoders average the gate over the real tokens of the input, as UniPELT does. Prefix values
         are shared by every query, so in causal stacks an input-dependent gate would let a position
-        see later tokens; there the gate is ``sigmoid(bias)``, learned but independent of the input.
+        see later tokens; there the prefix module learns one gate logit per layer instead.
         """
-        gate = prefix.gates[row]
-        if self.causal:
-            return torch.sigmoid(gate.bias).view(1, 1, 1, 1)
+        if prefix.gate_logits is not None:
+            return prefix.gate_value(row)
         hidden_states = getattr(self._captured, "hidden_states", None)
         if hidden_states is None:
             raise RuntimeError(f"adapterkit found no input of the attention module of block {self.key[1]} "

@@ -207,11 +207,11 @@ def _build_projections(layout: ModelLayout, config: LoRAConfig | IA3Config) -> n
 def _build_prefix(layout: ModelLayout, config: PrefixTuningConfig) -> nn.ModuleDict:
     kv_heads, head_dim = attention_shape(layout.model.config)
     prefixes = nn.ModuleDict()
-    for key, _, blocks in layout.prefix_stacks(config):
+    for key, stack, blocks in layout.prefix_stacks(config):
         prefixes[key] = PrefixTuning(len(blocks), kv_heads, head_dim, layout.hidden_size,
                                      prefix_length=config.prefix_length, bottleneck_size=config.bottleneck_size,
                                      non_linearity=config.non_linearity, dropout=config.dropout, flat=config.flat,
-                                     use_gating=config.use_gating)
+                                     use_gating=config.use_gating, gate_from_input=not stack.causal)
     return nn.ModuleDict({"prefix": prefixes})
 
 

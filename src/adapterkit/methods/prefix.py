@@ -34,6 +34,10 @@ class PrefixTuning(nn.Module):
         dropout: Dropout probability on the keys and values, in ``[0, 1)``.
         flat: Train the prefixes directly, without the MLP.
         use_gating: Add the UniPELT gate, one ``nn.Linear(hidden_size, 1)`` per layer (see ``gate_value``).
+        gate_from_input: With ``use_gating``, compute the gate from the attention input (True) or learn
+            one logit per layer that does not depend on the input (False). Prefix values are shared by
+            every query, so causal models need the latter: an input-dependent gate would let a position
+            see later tokens.
 
     Raises:
         ValueError: If an argument is out of the range given above.
@@ -41,7 +45,7 @@ class PrefixTuning(nn.Module):
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, hidden_size: int, prefix_length: int = 30,
                  bottleneck_size: int = 512, non_linearity: str = "tanh", dropout: float = 0.0, flat: bool = False,
-                 use_gating: bool = False):
+                 use_gating: bool = False, gate_from_input: bool = True):
         super().__init__()
         for name, value in (("n_layers", n_layers), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim),
                             ("hidden_size", hidden_size), ("prefix_length", prefix_length),
@@ -51,7 +55,7 @@ class PrefixTuning(nn.Module):
             raise ValueError(f"non_linearity={non_linearity!r} is invalid: expected one of {', '.join(_ACTIVATIONS)}")
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
             raise ValueError(f"dropout={dropout!r} is invalid: expected a probability in [0, 1), for example 0.1")
-        for name, value in (("flat", flat), ("use_gating", use_gating)):
+        for name, value in (("flat", flat), ("use_gating", use_gating), ("gate_from_input", gate_from_input)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name}={value!r} is invalid: expected True or False")
 
@@ -78,7 +82,12 @@ class PrefixTuning(nn.Module):
                 nn.Linear(self.bottleneck_size, self.n_layers * self.layer_width),
             )
         self.dropout = nn.Dropout(dropout)
-        self.gates = nn.ModuleList(nn.Linear(self.hidden_size, 1) for _ in range(self.n_layers)) if use_gating else None
+        self.gates = None
+        self.gate_logits = None
+        if use_gating and gate_from_input:
+            self.gates = nn.ModuleList(nn.Linear(self.hidden_size, 1) for _ in range(self.n_layers))
+        elif use_gating:
+            self.gate_logits = nn.Parameter(torch.zeros(self.n_layers))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -126,9 +135,12 @@ class PrefixTuning(nn.Module):
         keys, values = self._split(self._rows(layer, layer + 1), 1)
         return keys[0], values[0]
 
-    def gate_value(self, layer: int, hidden_states: torch.Tensor,
+    def gate_value(self, layer: int, hidden_states: torch.Tensor | None = None,
                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Compute the UniPELT gate of one layer: ``sigmoid(gate(h))`` averaged over the sequence.
+
+        With ``gate_from_input=False`` it is ``sigmoid`` of the layer's learned logit, shape
+        ``(1, 1, 1, 1)``, and ``hidden_states`` is not read.
 
         The caller multiplies that layer's prefix values by it, so it broadcasts against values shaped
         ``(batch, n_kv_heads, prefix_length, head_dim)``.
@@ -146,6 +158,9 @@ class PrefixTuning(nn.Module):
             ValueError: If the module has no gate or a tensor has the wrong shape.
             IndexError: If ``layer`` is out of range.
         """
+        if self.gate_logits is not None:
+            self._check_layer(layer)
+            return torch.sigmoid(self.gate_logits[layer]).view(1, 1, 1, 1)
         if self.gates is None:
             raise ValueError("gate_value needs gates: build PrefixTuning with use_gating=True")
         self._check_layer(layer)
