@@ -150,3 +150,62 @@ def test_predict_without_texts(tiny_model_dir, tmp_path):
     result = run_cli("predict", "--adapter", tmp_path, "--model", tiny_model_dir)
     assert result.returncode == 2
     assert "No texts" in result.stderr
+
+
+def saved_lora_adapter(model_dir: Path, folder: Path, name: str, seed: int):
+    """Save a LoRA adapter with random non-zero weights for the tiny model; return the model with it active."""
+    import adapterkit
+
+    model = adapterkit.init(BertForSequenceClassification.from_pretrained(model_dir).eval())
+    model.add_adapter(name, adapterkit.LoRAConfig(r=4, targets=("query", "value", "ff_out")))
+    torch.manual_seed(seed)
+    for parameter in model._adapterkit.modules_of(name).parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    model.save_adapter(folder, name)
+    return model
+
+
+def test_merge_writes_plain_model(tiny_model_dir, tmp_path):
+    saved_lora_adapter(tiny_model_dir, tmp_path / "first", "first", seed=1)
+    second = saved_lora_adapter(tiny_model_dir, tmp_path / "second", "second", seed=2)
+    second.load_adapter(tmp_path / "first", set_active=False)
+    second.set_active_adapters(["first", "second"])
+    input_ids = torch.tensor([[2, 5, 8, 13, 3]])
+    with torch.no_grad():
+        expected = second(input_ids=input_ids).logits
+
+    result = run_cli("merge", "--model", tiny_model_dir, "--adapter", tmp_path / "first", "--adapter",
+                     tmp_path / "second", "--output", tmp_path / "merged")
+
+    assert result.returncode == 0, result.stderr
+    merged = BertForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        actual = merged(input_ids=input_ids).logits
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+
+
+def test_merge_rejects_bottleneck_adapter(tiny_model_dir, tmp_path):
+    import adapterkit
+
+    model = adapterkit.init(BertForSequenceClassification.from_pretrained(tiny_model_dir))
+    model.add_adapter("series", "pfeiffer")
+    model.save_adapter(tmp_path / "series", "series")
+
+    result = run_cli("merge", "--model", tiny_model_dir, "--adapter", tmp_path / "series", "--output",
+                     tmp_path / "merged")
+
+    assert result.returncode == 2
+    assert "cannot be merged" in result.stderr
+    assert not (tmp_path / "merged").exists()
+
+
+def test_merge_refuses_existing_output(tiny_model_dir, tmp_path):
+    saved_lora_adapter(tiny_model_dir, tmp_path / "first", "first", seed=1)
+    (tmp_path / "merged").mkdir()
+
+    result = run_cli("merge", "--model", tiny_model_dir, "--adapter", tmp_path / "first", "--output",
+                     tmp_path / "merged")
+
+    assert result.returncode == 2
+    assert "--overwrite" in result.stderr

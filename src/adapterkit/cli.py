@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--test-data", default=None, help="separate test file; --data is then used whole for training")
     train.add_argument("--validation-size", type=float, default=0.1,
                        help="share of the training data used to pick the best epoch and stop early (default: 0.1)")
-    train.add_argument("--adapter", default="houlsby", help="adapter preset: houlsby, pfeiffer or parallel "
-                                                            "(default: houlsby)")
+    train.add_argument("--adapter", default="houlsby",
+                       help="adapter preset: houlsby, pfeiffer, parallel, conv, lora, ia3, prefix_tuning, compacter, "
+                            "compacter++, mam, unipelt or invertible (default: houlsby)")
     train.add_argument("--name", default=None, help="adapter name (default: the preset name)")
     train.add_argument("--epochs", type=int, default=3, help="maximum passes over the training data (default: 3)")
     train.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate (default: 0.001)")
@@ -79,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--max-length", type=int, default=128, help="truncate texts to this many tokens (default: 128)")
     predict.add_argument("--json", action="store_true", help="print one JSON object per text")
     predict.add_argument("texts", nargs="*", help="texts to classify")
+    merge = commands.add_parser("merge", help="merge LoRA and (IA)^3 adapters into the model and save a plain "
+                                              "transformers model")
+    merge.add_argument("--adapter", required=True, type=Path, action="append",
+                       help="adapter folder written by train or save_adapter; repeat to merge several in order")
+    merge.add_argument("--model", default=None, help="model folder or hub id (default: the one the first adapter "
+                                                     "was trained on)")
+    merge.add_argument("--output", required=True, type=Path,
+                       help="folder for the merged model (save_pretrained) and its tokenizer")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     return parser
 
 
@@ -96,10 +106,12 @@ def _load_texts(args: argparse.Namespace, source: str) -> tuple[list[str], list[
         raise UsageError(f"{source}: {error}") from error
 
 
-def _load_model(model_source: str | None, adapter_dir: Path | None = None):
-    """Load the classification model: ``model_source``, else the adapter's base, else the packaged MiniLM."""
+def _load_model(model_source: str | None, adapter_dir: Path | None = None, model_class: Any = None):
+    """Load the model: ``model_source``, else the adapter's base, else the packaged MiniLM.
+
+    ``model_class`` defaults to ``AutoModelForSequenceClassification``.
+    """
     import transformers
-    from transformers import AutoModelForSequenceClassification
 
     import adapterkit
     from .io import read_description
@@ -114,7 +126,7 @@ def _load_model(model_source: str | None, adapter_dir: Path | None = None):
         model_source = default_model_path()
     transformers.logging.set_verbosity_error()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(model_source)
+        model = (model_class or transformers.AutoModelForSequenceClassification).from_pretrained(model_source)
     except (OSError, ValueError) as error:
         raise UsageError(f"Could not load model {model_source!r}: {error}") from error
     return adapterkit.init(model)
@@ -270,7 +282,79 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": run_train, "evaluate": run_evaluate, "predict": run_predict}
+def _merge_model_class(model_source: str | None, adapter_dir: Path) -> Any:
+    """Return the transformers class to load for merging: the classifier when the adapter has a head,
+    else the class the model's config names (a causal or seq2seq LM keeps its LM head)."""
+    import transformers
+
+    from .io import read_description
+
+    description = read_description(adapter_dir)
+    if description.get("head", {}).get("modules"):
+        return transformers.AutoModelForSequenceClassification
+    source = model_source or description.get("base_model", {}).get("name_or_path")
+    try:
+        architectures = transformers.AutoConfig.from_pretrained(source).architectures or []
+    except (OSError, ValueError) as error:
+        raise UsageError(f"Could not read the config of model {source!r}: {error}") from error
+    if architectures and hasattr(transformers, architectures[0]):
+        return getattr(transformers, architectures[0])
+    return transformers.AutoModel
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    """Load the adapters, merge them into the model and save the plain transformers model."""
+    import shutil
+    import tempfile
+
+    from .io import read_description
+
+    missing = [str(folder) for folder in args.adapter if not folder.is_dir()]
+    if missing:
+        raise UsageError(f"--adapter {', '.join(missing)}: no such folder")
+    for folder in args.adapter:
+        read_description(folder)  # raises on a folder that is not an adapter checkpoint
+    if args.output.exists() and not args.overwrite:
+        raise UsageError(f"--output {args.output} already exists; pass --overwrite to replace it or choose another "
+                         "folder")
+
+    model = _load_model(args.model, args.adapter[0], _merge_model_class(args.model, args.adapter[0]))
+    names = [model.load_adapter(folder, set_active=False) for folder in args.adapter]
+    model.set_active_adapters(names)
+    try:
+        model = model.merge_and_unload()
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+
+    # Write into a temporary sibling folder and rename it, so an interrupted merge leaves no half model.
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{args.output.name}.", dir=args.output.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer = _try_tokenizer(model)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if args.output.exists():
+            shutil.rmtree(args.output)
+        staging.rename(args.output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    print(f"Merged {', '.join(names)} into {type(model).__name__}; saved to {args.output}")
+    return 0
+
+
+def _try_tokenizer(model: Any) -> Any:
+    """Return the tokenizer of the model's folder or hub id, or None when it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model.config._name_or_path)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+COMMANDS = {"train": run_train, "evaluate": run_evaluate, "predict": run_predict, "merge": run_merge}
 
 
 def main(argv: list[str] | None = None) -> int:

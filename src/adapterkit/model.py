@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from . import io
+from . import io, merge
 from .architectures import ArchitectureSpec, find_architecture
 from .config import MethodConfig, resolve_config
 from .registry import AdapterRegistry
@@ -116,6 +116,56 @@ class AdapterModelMixin:
                          f"{row['head_parameters']:>9,} {row['trainable']:>11,} {row['percent_of_base']:>7.2f} "
                          f"{'yes' if row['active'] else 'no'}")
         return "\n".join(lines)
+
+    # -- merging -------------------------------------------------------------------------------
+
+    def merge_adapter(self, name: str) -> None:
+        """Merge LoRA or (IA)^3 adapter ``name`` into the base weights, so it costs nothing at inference.
+
+        The merged adapter acts whether or not it is active, before every unmerged adapter, until
+        ``unmerge_adapter``. Merging a merged adapter changes nothing.
+
+        Raises:
+            ValueError: If the adapter has methods that cannot be merged (bottleneck adapters,
+                prefixes, gated LoRA), or an active adapter before it at a shared projection does
+                not commute with it.
+        """
+        merge.merge(self._adapterkit, name)
+
+    def unmerge_adapter(self, name: str) -> None:
+        """Take merged adapter ``name`` out of the base weights again; it then runs through hooks when active."""
+        merge.unmerge(self._adapterkit, name)
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        """The adapters merged into the base weights, in merge order."""
+        return list(self._adapterkit.merged)
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge every active adapter, remove adapterkit from the model and return the plain transformers model.
+
+        The active adapter's head stays on the model, with its labels in ``config.id2label``. The
+        result saves with ``save_pretrained`` and loads with transformers alone.
+
+        Raises:
+            ValueError: If an active adapter cannot be merged; nothing changes then.
+        """
+        registry = self._adapterkit
+        for name in registry.active:
+            if name not in registry.merged:
+                merge.check_mergeable(registry, name)
+        for name in registry.active:
+            merge.merge(registry, name)
+        registry.unload()
+        base_class = self._adapterkit_base_class
+        del self._adapterkit
+        self.__class__ = base_class
+        return self
+
+    def add_weighted_adapter(self, name: str, adapters: Sequence[str], weights: Sequence[float],
+                             combination: str = "linear", rank: int | None = None) -> None:
+        """Add adapter ``name``, a weighted combination of ``adapters``; see ``adapterkit.merge.combine``."""
+        merge.combine(self._adapterkit, name, list(adapters), [float(w) for w in weights], combination, rank)
 
     # -- saving and loading ----------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from .config import MethodConfig
 from .heads import STORE_ATTRIBUTE, count_labels, head_module_names, is_freshly_initialised, resize_head
 from .injection import EmbeddingSite, FinalSite, LinearSite, PrefixSite, Site, SublayerSite
 from .layout import ModelLayout, build, check_fits, placements
+from .merge import unmerge
 from .prefix_attention import disable_prefix_attention, enable_prefix_attention
 
 logger = logging.getLogger(__name__)
@@ -71,8 +72,10 @@ class AdapterRegistry:
         self.base_head_fresh = is_freshly_initialised(self.base_heads, model)
         self.base_labels = dict(getattr(model.config, "id2label", None) or {})
         self._plan: dict[tuple, list[tuple[MethodConfig, Any]]] = {}
+        # Adapters whose effect is merged into the base weights, in merge order; they run through no hook.
+        self.merged: list[str] = []
         self.tokenizer = None
-        self._input_hook = None
+        self._input_hooks: list[Any] = []
 
     # -- modules -------------------------------------------------------------------------------
 
@@ -132,6 +135,8 @@ class AdapterRegistry:
     def delete(self, name: str) -> None:
         """Remove adapter ``name`` with its modules, head and any hooks no other adapter needs."""
         self.check_names([name])
+        if name in self.merged:
+            unmerge(self, name)
         if name in self.active:
             self.set_active([n for n in self.active if n != name])
         del self.store[store_key(name)]
@@ -190,17 +195,26 @@ class AdapterRegistry:
 
         Reentrant ``torch.utils.checkpoint`` computes no parameter gradients inside a checkpointed
         block unless one of the block's inputs requires grad, and frozen embeddings do not.
+
+        Every module that shares the embedding weight is hooked: BART's encoder and decoder each run
+        their own copy of the ``shared`` module, which itself never runs. transformers 5 also hooks
+        those copies when checkpointing is enabled, but 4.57 does so only for PEFT models.
         """
-        if self.entries and self._input_hook is None:
+        if self.entries and not self._input_hooks:
             try:
                 embeddings = self.model.get_input_embeddings()
             except (AttributeError, NotImplementedError):
                 return
-            if embeddings is not None:
-                self._input_hook = embeddings.register_forward_hook(self._require_input_grad)
-        elif not self.entries and self._input_hook is not None:
-            self._input_hook.remove()
-            self._input_hook = None
+            if embeddings is None:
+                return
+            weight = getattr(embeddings, "weight", None)
+            sharing = [module for module in self.model.modules()
+                       if module is embeddings or (weight is not None and getattr(module, "weight", None) is weight)]
+            self._input_hooks = [module.register_forward_hook(self._require_input_grad) for module in sharing]
+        elif not self.entries and self._input_hooks:
+            for hook in self._input_hooks:
+                hook.remove()
+            self._input_hooks = []
 
     def _checkpointing(self) -> bool:
         # transformers 5 renamed the property; 4.57 has only the old name.
@@ -216,6 +230,21 @@ class AdapterRegistry:
             return
         if self.trainable_names():
             output.requires_grad_(True)
+
+    def unload(self) -> None:
+        """Remove every hook, wrapper and module that adapterkit added, keeping the current weights and head."""
+        for site in self.sites.values():
+            site.remove()
+        self.sites = {}
+        disable_prefix_attention(self.model)
+        for hook in self._input_hooks:
+            hook.remove()
+        self._input_hooks = []
+        self.model._modules.pop(STORE_ATTRIBUTE, None)
+        self.entries = {}
+        self.active = ()
+        self.merged = []
+        self._plan = {}
 
     # -- activation ------------------------------------------------------------------------------
 
@@ -233,6 +262,8 @@ class AdapterRegistry:
     def _rebuild_plan(self) -> None:
         plan: dict[tuple, list[tuple[MethodConfig, Any]]] = {}
         for name in self.active:
+            if name in self.merged:
+                continue
             for key, member, payload in self.placements_of(name):
                 plan.setdefault(key, []).append((member, payload))
         self._plan = plan
