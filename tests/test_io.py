@@ -9,6 +9,8 @@ import adapterkit
 from adapter_helpers import compute_logits, randomize_parameters, requires_grad_names
 from adapterkit.io import CONFIG_FILE, WEIGHTS_FILE
 
+VOCAB_SIZE = 99  # the vocabulary of the tiny models in conftest.py
+
 
 @pytest.fixture
 def saved_bert(tiny_model, input_ids, tmp_path):
@@ -252,3 +254,18 @@ def test_load_newer_format_raises(tiny_model, saved_bert):
 
     with pytest.raises(ValueError, match="Upgrade adapterkit"):
         fresh.load_adapter(directory)
+
+
+def test_load_after_resized_vocabulary_raises(tiny_model, tmp_path):
+    model = adapterkit.init(tiny_model("bert"))
+    model.resize_token_embeddings(VOCAB_SIZE + 5)
+    model.add_adapter("task", "lora")
+    model.save_adapter(tmp_path / "task", "task")
+    fresh = adapterkit.init(tiny_model("bert"))
+
+    with pytest.raises(ValueError, match=f"resize_token_embeddings\\({VOCAB_SIZE + 5}\\)"):
+        fresh.load_adapter(tmp_path / "task")
+    assert fresh.adapter_names == []
+
+    fresh.resize_token_embeddings(VOCAB_SIZE + 5)
+    assert fresh.load_adapter(tmp_path / "task") == "task"

@@ -50,12 +50,23 @@ def write_atomically(path: Path, write: Any) -> None:
         raise
 
 
+def _vocabulary_size(model: torch.nn.Module) -> int | None:
+    """Return the number of rows of the input embeddings, which ``resize_token_embeddings`` changes."""
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    weight = getattr(embeddings, "weight", None)
+    return None if weight is None else int(weight.shape[0])
+
+
 def _model_description(model: torch.nn.Module) -> dict[str, Any]:
     config = model.config
     return {
         "model_type": getattr(config, "model_type", None),
         "hidden_size": getattr(config, "hidden_size", None),
         "num_hidden_layers": getattr(config, "num_hidden_layers", None),
+        "vocab_size": _vocabulary_size(model),
         "name_or_path": getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None),
     }
 
@@ -113,6 +124,11 @@ def check_compatible(registry: AdapterRegistry, description: dict[str, Any], dir
     mismatches = [f"{key}: saved {saved.get(key)!r}, this model {current[key]!r}"
                   for key in ("model_type", "hidden_size", "num_hidden_layers")
                   if saved.get(key) is not None and saved.get(key) != current[key]]
+    saved_vocabulary, vocabulary = saved.get("vocab_size"), current["vocab_size"]
+    if not mismatches and saved_vocabulary is not None and vocabulary is not None and saved_vocabulary != vocabulary:
+        raise ValueError(f"The adapter in {directory} was trained on a model with {saved_vocabulary} token embeddings, "
+                         f"but this model has {vocabulary}. Add the same tokens to the tokenizer and call "
+                         f"model.resize_token_embeddings({saved_vocabulary}) before load_adapter")
     if mismatches:
         raise ValueError(f"The adapter in {directory} was trained on another kind of model "
                          f"({'; '.join(mismatches)}). Load it into a {saved.get('model_type')} model with "
