@@ -135,14 +135,53 @@ def check_compatible(registry: AdapterRegistry, description: dict[str, Any], dir
                          f"hidden size {saved.get('hidden_size')}, such as {saved.get('name_or_path')!r}")
 
 
+FORMATS = ("adapterkit", "peft")
+
+
+def detect_format(directory: str | os.PathLike) -> str:
+    """Return which checkpoint format the folder holds: ``"adapterkit"`` or ``"peft"``.
+
+    Raises:
+        FileNotFoundError: If the folder is missing or holds none of the formats, naming their files.
+    """
+    from .formats.peft import is_peft_checkpoint
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"No adapter folder at {directory}")
+    if (directory / CONFIG_FILE).is_file():
+        return "adapterkit"
+    if is_peft_checkpoint(directory):
+        return "peft"
+    raise FileNotFoundError(f"{directory} holds no adapter checkpoint: expected {CONFIG_FILE} (adapterkit) or "
+                            "adapter_config.json with a peft_type (PEFT)")
+
+
+def save_adapter_as(registry: AdapterRegistry, directory: str | os.PathLike, name: str,
+                    format: str = "adapterkit") -> Path:
+    """Write adapter ``name`` in one of ``FORMATS`` and return the folder."""
+    if format == "adapterkit":
+        return save_adapter(registry, directory, name)
+    if format == "peft":
+        from .formats.peft import write_peft
+
+        registry.check_names([name])
+        return write_peft(registry, name, directory)
+    raise ValueError(f"format={format!r}: expected one of {', '.join(FORMATS)}")
+
+
 def load_adapter(registry: AdapterRegistry, directory: str | os.PathLike, load_as: str | None = None) -> str:
     """Add the adapter saved in ``directory`` to the model, frozen, and return its name.
+
+    The folder may hold any format of ``FORMATS``; ``detect_format`` tells which.
 
     Raises:
         FileNotFoundError: If the folder or one of its files is missing.
         ValueError: If the adapter does not fit this model, or its name is taken.
     """
     directory = Path(directory)
+    if detect_format(directory) == "peft":
+        return _load_peft(registry, directory, load_as)
     description = read_description(directory)
     check_compatible(registry, description, directory)
     name = load_as or description["name"]
@@ -178,4 +217,23 @@ def load_adapter(registry: AdapterRegistry, directory: str | os.PathLike, load_a
         registry.delete(name)
         raise
     logger.info("Loaded adapter %r from %s", name, directory)
+    return name
+
+
+def _load_peft(registry: AdapterRegistry, directory: Path, load_as: str | None) -> str:
+    from .formats.peft import read_peft
+
+    config, weights, info = read_peft(registry, directory)
+    name = load_as or "default"
+    registry.add(name, config)
+    try:
+        registry.modules_of(name).load_state_dict(weights, strict=True)
+        registry.modules_of(name).requires_grad_(False)
+        registry.entries[name].head_trained = bool(info.get("head_keys")) or registry.entries[name].head_trained
+    except BaseException:
+        registry.delete(name)
+        raise
+    for note in info.get("notes", []):
+        logger.info("Loading PEFT checkpoint %s: %s", directory, note)
+    logger.info("Loaded PEFT %s adapter %r from %s", info.get("peft_type"), name, directory)
     return name

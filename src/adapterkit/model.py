@@ -151,11 +151,7 @@ class AdapterModelMixin:
             ValueError: If an active adapter cannot be merged; nothing changes then.
         """
         registry = self._adapterkit
-        for name in registry.active:
-            if name not in registry.merged:
-                merge.check_mergeable(registry, name)
-        for name in registry.active:
-            merge.merge(registry, name)
+        merge.merge_all_active(registry)
         registry.unload()
         base_class = self._adapterkit_base_class
         del self._adapterkit
@@ -169,17 +165,25 @@ class AdapterModelMixin:
 
     # -- saving and loading ----------------------------------------------------------------------
 
-    def save_adapter(self, directory: str | os.PathLike, name: str) -> Path:
-        """Write adapter ``name`` with its head and labels to ``directory`` (safetensors and JSON)."""
-        return io.save_adapter(self._adapterkit, directory, name)
+    def save_adapter(self, directory: str | os.PathLike, name: str, format: str = "adapterkit") -> Path:
+        """Write adapter ``name`` with its head and labels to ``directory``.
+
+        Args:
+            directory: The folder to write.
+            name: The adapter.
+            format: ``"adapterkit"`` (safetensors and JSON, every method) or ``"peft"`` (PEFT's
+                ``adapter_config.json`` and ``adapter_model.safetensors``, for LoRA, (IA)^3 and prefix tuning).
+        """
+        return io.save_adapter_as(self._adapterkit, directory, name, format)
 
     def load_adapter(self, directory: str | os.PathLike, load_as: str | None = None, *,
                      set_active: bool = True) -> str:
-        """Load an adapter written by ``save_adapter``, frozen, and return its name.
+        """Load an adapter, frozen, and return its name.
 
         Args:
-            directory: The folder ``save_adapter`` wrote.
-            load_as: Name to give the adapter; the saved name by default.
+            directory: A folder written by ``save_adapter`` or by PEFT's ``save_pretrained``; the
+                format is detected from its files.
+            load_as: Name to give the adapter; the saved name by default (``"default"`` for PEFT).
             set_active: Make it the only active adapter, so that the next forward uses it.
         """
         name = io.load_adapter(self._adapterkit, directory, load_as)

@@ -1,0 +1,820 @@
+"""Read and write Hugging Face PEFT checkpoints: LoRA, (IA)^3 and prefix tuning.
+
+A PEFT checkpoint is a folder with ``adapter_config.json`` (the PEFT config, with ``peft_type``)
+and ``adapter_model.safetensors`` (or the older ``adapter_model.bin``). The weight keys name the
+adapted module by its path in the transformers model (checked against PEFT 0.21.2):
+
+- LoRA: ``base_model.model.<module>.lora_A.weight`` ``(r, in_features)`` and ``.lora_B.weight``
+  ``(out_features, r)``. The update is ``scaling * B A x`` with ``scaling = alpha / r``, or
+  ``alpha / sqrt(r)`` with ``use_rslora``. ``rank_pattern`` and ``alpha_pattern`` set ``r`` and
+  ``alpha`` per module. The shapes are the same for transformers ``Conv1D`` layers, where
+  ``fan_in_fan_out`` only matters when merging.
+- (IA)^3: ``base_model.model.<module>.ia3_l``, ``(out_features, 1)`` to scale the module's output,
+  or ``(1, in_features)`` to scale its input, for the modules in ``feedforward_modules``.
+- Prefix tuning: ``prompt_embeddings`` ``(num_virtual_tokens, num_layers * 2 * token_dim)``, the
+  last dimension laid out as ``(num_layers, 2, heads, head_dim)`` with keys before values. With
+  ``prefix_projection=True`` PEFT saves the output of its MLP, not the MLP.
+- Heads in ``modules_to_save``: ``base_model.model.<module>.<parameter>``, or
+  ``base_model.<module>.<parameter>`` for prefix tuning.
+
+adapterkit places LoRA and (IA)^3 by role (``query``, ``ff_out``, ...) on every block that is not
+left out, with one rank and one ``alpha``. ``read_peft`` maps a PEFT checkpoint onto that form
+exactly. It pads lower ranks with zeros and folds per-module scalings into ``lora_B``. Projections
+of an adapted role that PEFT left alone get a zero LoRA or an all-ones (IA)^3 vector. A LoRA on
+GPT-2's fused ``c_attn`` becomes one LoRA per part (query, key, value). Each such step is listed in
+the returned notes. Whatever cannot be mapped exactly raises ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers.models.auto import modeling_auto
+
+from ..architectures import LinearRef, attention_shape
+from ..config import IA3Config, LoRAConfig, MethodConfig, PrefixTuningConfig
+from ..config.base import ROLES
+from ..heads import STORE_ATTRIBUTE
+from ..io import write_atomically
+from ..layout import linear_shape
+
+if TYPE_CHECKING:
+    from ..registry import AdapterRegistry
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "adapter_config.json"
+SAFETENSORS_FILE = "adapter_model.safetensors"
+BIN_FILE = "adapter_model.bin"
+
+SUPPORTED_PEFT_TYPES = ("LORA", "IA3", "PREFIX_TUNING")
+_PROMPT_LEARNING_TYPES = ("PREFIX_TUNING",)
+
+# Config keys that describe the checkpoint or only how PEFT initialises or matches modules. The
+# weights file lists the adapted modules, so target_modules and its relatives are not needed.
+_COMMON_KEYS = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+                "inference_mode", "modules_to_save", "target_modules", "exclude_modules", "fan_in_fan_out",
+                "layers_to_transform", "layers_pattern"}
+_LORA_KEYS = _COMMON_KEYS | {"r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "rank_pattern",
+                             "alpha_pattern", "megatron_core", "qalora_group_size", "loftq_config", "eva_config",
+                             "corda_config", "lora_ga_config", "ensure_weight_tying", "runtime_config"}
+_IA3_KEYS = _COMMON_KEYS | {"feedforward_modules", "init_ia3_weights"}
+_PREFIX_KEYS = _COMMON_KEYS | {"num_virtual_tokens", "token_dim", "num_transformer_submodules",
+                               "num_attention_heads", "num_layers", "init_weights", "encoder_hidden_size",
+                               "prefix_projection"}
+
+# LoRA options that must keep PEFT's default, and what a non-default value means.
+_LORA_DEFAULTS: dict[str, tuple[Any, str]] = {
+    "use_dora": (False, "DoRA learns a magnitude per output feature, which adapterkit's LoRA has no parameter for"),
+    "bias": ("none", "PEFT also trained bias terms of the base model, which adapterkit keeps frozen"),
+    "lora_bias": (False, "lora_B has a bias term, which adapterkit's LoRA lacks"),
+    "target_parameters": (None, "LoRA on raw parameters (such as MoE experts) has no adapterkit equivalent"),
+    "layer_replication": (None, "PEFT duplicated base model layers, which adapterkit does not do"),
+    "trainable_token_indices": (None, "trained embedding rows have no adapterkit equivalent"),
+    "alora_invocation_tokens": (None, "activated LoRA adapts only the positions after the invocation tokens, "
+                                      "adapterkit's LoRA adapts every position"),
+    "use_qalora": (False, "QA-LoRA pools the input in groups before lora_A"),
+    "megatron_config": (None, "Megatron-parallel LoRA layers are not supported"),
+    "use_bdlora": (None, "block-diagonal LoRA is not supported"),
+    "arrow_config": (None, "Arrow routing between LoRA experts is not supported"),
+    "kasa_config": (None, "the KaSA variant of LoRA is not supported"),
+    "velora_config": (None, "the VeLoRA variant of LoRA is not supported"),
+    "monteclora_config": (None, "the MonteCLoRA variant of LoRA is not supported"),
+}
+
+# init_lora_weights values under which PEFT also changes the base model's weights (PEFT 0.21).
+_BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+
+# Families whose attention ignores the KV cache that PEFT's prefix tuning passes, so a PEFT prefix
+# changes nothing there (measured with PEFT 0.21.2 and transformers 5.25).
+_PREFIX_IGNORED_FAMILIES = ("distilbert", "mpnet", "deberta-v2")
+
+
+class PeftCheckpoint(NamedTuple):
+    """A PEFT checkpoint mapped onto adapterkit.
+
+    Attributes:
+        config: The adapterkit config to pass to ``add_adapter``.
+        weights: Every tensor of the new adapter, keyed as in ``modules_of(name).state_dict()``, so
+            ``load_state_dict(weights)`` with ``strict=True`` fills it. Head keys (``head.<module>.``)
+            hold the checkpoint's ``modules_to_save`` weights where it has them and the base model's
+            head everywhere else.
+        info: ``peft_type``, ``task_type``, ``base_model_name_or_path``, ``peft_version``,
+            ``head_keys`` (the head keys that came from the checkpoint), ``notes`` (one sentence per
+            exact transformation that ``read_peft`` applied) and, for prefix tuning,
+            ``position_offset`` (see ``read_peft``).
+    """
+
+    config: MethodConfig
+    weights: dict[str, torch.Tensor]
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Projection:
+    """One projection of one block: where adapterkit keeps its module, and the layer it adapts."""
+
+    index: int
+    role: str
+    number: int
+    ref: LinearRef
+    layer: nn.Module
+
+    @property
+    def key(self) -> str:
+        return f"methods.0.layers.{self.index}.{self.role}.{self.number}"
+
+    def rows(self, out_features: int) -> slice:
+        """Return the output features of ``out_features`` that belong to this part of the layer."""
+        width = out_features // self.ref.parts
+        return slice(self.ref.part * width, (self.ref.part + 1) * width)
+
+
+# -- files ------------------------------------------------------------------------------------------
+
+def is_peft_checkpoint(directory: str | os.PathLike) -> bool:
+    """Return whether ``directory`` contains a PEFT ``adapter_config.json`` with a ``peft_type`` and a weights file."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        return False
+    if not ((directory / SAFETENSORS_FILE).is_file() or (directory / BIN_FILE).is_file()):
+        return False
+    try:
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and "peft_type" in data
+
+
+def _load_files(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{CONFIG_FILE} not found in {directory}; pass a folder written by PEFT's "
+                                "save_pretrained")
+    peft_config = json.loads(config_path.read_text(encoding="utf-8"))
+    if not isinstance(peft_config, dict) or "peft_type" not in peft_config:
+        raise ValueError(f"{config_path} has no peft_type, so it is not a PEFT adapter config")
+    if (directory / SAFETENSORS_FILE).is_file():
+        state = load_file(str(directory / SAFETENSORS_FILE))
+    elif (directory / BIN_FILE).is_file():
+        state = torch.load(directory / BIN_FILE, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"Neither {SAFETENSORS_FILE} nor {BIN_FILE} found in {directory}")
+    return peft_config, state
+
+
+# -- the model's module names ---------------------------------------------------------------------
+
+def _module_names(model: nn.Module) -> dict[str, nn.Module]:
+    """Return the model's modules by name, without adapterkit's own modules."""
+    return {name: module for name, module in model.named_modules()
+            if name != STORE_ATTRIBUTE and not name.startswith(STORE_ATTRIBUTE + ".")}
+
+
+def _projections_by_name(registry: AdapterRegistry) -> dict[str, list[_Projection]]:
+    """Return every projection of every block and role, keyed by the layer's name in the model.
+
+    A fused layer (GPT-2's ``c_attn``) has one entry per part.
+    """
+    names = {id(module): name for name, module in _module_names(registry.model).items()}
+    layout = registry.layout
+    found: dict[str, list[_Projection]] = {}
+    for index, (stack, _) in enumerate(layout.blocks):
+        for role in ROLES:
+            for number, ref in enumerate(stack.linear_refs(role)):
+                layer = layout.projection(index, role, number)
+                name = names.get(id(layer))
+                if name is None:
+                    raise ValueError(f"The {role} projection {ref.path!r} of block {index} is not a submodule of "
+                                     f"the model, so it has no name in a PEFT checkpoint")
+                found.setdefault(name, []).append(_Projection(index, role, number, ref, layer))
+    return found
+
+
+def _describe_roles(projections: dict[str, list[_Projection]]) -> str:
+    """Return the projections of each role in the first block that has it, e.g. ``query: attention.self.query``."""
+    paths: dict[str, str] = {}
+    for entries in projections.values():
+        for entry in entries:
+            paths.setdefault(entry.role, entry.ref.path)
+    return "; ".join(f"{role}: {paths[role]}" for role in ROLES if role in paths)
+
+
+# -- heads (modules_to_save) ----------------------------------------------------------------------
+
+def _split_head_weights(registry: AdapterRegistry, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Move the keys of the model's head modules out of ``state`` and return them as ``head.`` keys."""
+    head = {}
+    for key in list(state):
+        module = key.split(".", 1)[0]
+        if module in registry.head_names and "." in key:
+            head[f"head.{key}"] = state.pop(key)
+    return head
+
+
+def _complete_head(registry: AdapterRegistry, saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Return every head key of a new adapter: the saved tensors, and the base model's head for the rest."""
+    full = {}
+    for head_name in registry.head_names:
+        for key, value in registry.base_heads[head_name].state_dict().items():
+            full[f"head.{head_name}.{key}"] = value.detach().clone()
+    unknown = sorted(set(saved) - set(full))
+    if unknown:
+        raise ValueError(f"The checkpoint has head weights {unknown}, which the model's head modules "
+                         f"({registry.head_names}) do not have")
+    mismatched = [f"{key}: saved {tuple(value.shape)}, model {tuple(full[key].shape)}"
+                  for key, value in saved.items() if value.shape != full[key].shape]
+    if mismatched:
+        raise ValueError(f"The checkpoint's head does not fit the model's head ({'; '.join(mismatched)}). Load the "
+                         "model with as many labels as the checkpoint's head predicts (num_labels)")
+    full.update(saved)
+    return full
+
+
+# -- reading --------------------------------------------------------------------------------------
+
+def read_peft(registry: AdapterRegistry, directory: str | os.PathLike) -> PeftCheckpoint:
+    """Map the PEFT checkpoint in ``directory`` onto adapter config and weights for this model.
+
+    The caller adds the adapter with ``registry.add(name, config)`` and fills it with
+    ``registry.modules_of(name).load_state_dict(weights)``; the model then computes what PEFT's
+    model computes, within float rounding. The module names in the checkpoint must be those of
+    this model, so load it with the task class the checkpoint was trained with.
+
+    Prefix tuning: PEFT passes the prefix as a KV cache of ``num_virtual_tokens`` positions, so the
+    model numbers the real tokens from ``num_virtual_tokens`` on. This shifts absolute position
+    embeddings (BERT, RoBERTa, GPT-2) and the rotation of queries against the prefix keys (RoPE
+    models). adapterkit's prefix leaves positions alone. ``info["position_offset"]`` is that shift:
+    pass position ids starting there (RoBERTa: at ``padding_idx + 1 + offset``) to get PEFT's outputs.
+
+    Args:
+        registry: The adapter registry of the model (``model._adapterkit``).
+        directory: A folder written by PEFT's ``save_pretrained``.
+
+    Returns:
+        ``PeftCheckpoint(config, weights, info)``.
+
+    Raises:
+        FileNotFoundError: If the config or weights file is missing.
+        ValueError: For any part of the checkpoint that adapterkit cannot reproduce exactly. Examples
+            are another PEFT method, DoRA, trained biases, options of other LoRA variants, and a
+            module that plays no projection role in this family. So are (IA)^3 on the other side
+            of a layer than adapterkit scales, encoder-decoder prefix tuning, and weights that do
+            not fit the model.
+    """
+    directory = Path(directory)
+    peft_config, state = _load_files(directory)
+    peft_type = str(peft_config["peft_type"]).upper()
+    if peft_type not in SUPPORTED_PEFT_TYPES:
+        raise ValueError(f"peft_type={peft_config['peft_type']!r} in {directory / CONFIG_FILE} is not supported: "
+                         f"adapterkit reads {', '.join(SUPPORTED_PEFT_TYPES)} checkpoints")
+
+    prefix = "base_model." if peft_type in _PROMPT_LEARNING_TYPES else "base_model.model."
+    outside = sorted(key for key in state if not key.startswith(prefix) and key != "prompt_embeddings")
+    if outside:
+        raise ValueError(f"The weights in {directory} have keys outside {prefix!r}: {outside}")
+    state = {key[len(prefix):] if key.startswith(prefix) else key: value for key, value in state.items()}
+    saved_head = _split_head_weights(registry, state)
+    notes: list[str] = []
+
+    if peft_type == "LORA":
+        config, weights = _read_lora(registry, peft_config, state, notes)
+    elif peft_type == "IA3":
+        config, weights = _read_ia3(registry, peft_config, state, notes)
+    else:
+        config, weights = _read_prefix(registry, peft_config, state, notes)
+
+    weights.update(_complete_head(registry, saved_head))
+    info: dict[str, Any] = {
+        "peft_type": peft_type,
+        "task_type": peft_config.get("task_type"),
+        "base_model_name_or_path": peft_config.get("base_model_name_or_path"),
+        "peft_version": peft_config.get("peft_version"),
+        "head_keys": sorted(saved_head),
+        "notes": notes,
+    }
+    if peft_type == "PREFIX_TUNING":
+        info["position_offset"] = config.prefix_length
+    return PeftCheckpoint(config, weights, info)
+
+
+def _check_options(peft_config: dict[str, Any], known: set[str], defaults: dict[str, tuple[Any, str]]) -> None:
+    """Raise ``ValueError`` naming every option that changes what the adapter computes beyond adapterkit's method."""
+    problems = []
+    for key, (default, reason) in defaults.items():
+        value = peft_config.get(key, default)
+        if value != default and not (default is None and value in ({}, [], "", False)):
+            problems.append(f"{key}={value!r}: {reason}")
+    for key, value in peft_config.items():
+        if key not in known and key not in defaults and value not in (None, False, "", [], {}):
+            problems.append(f"{key}={value!r}: an option adapterkit does not know, so it cannot tell whether "
+                            "the adapter still computes the same")
+    if problems:
+        raise ValueError(f"The {peft_config['peft_type']} checkpoint uses options adapterkit cannot reproduce:\n  - "
+                         + "\n  - ".join(problems))
+
+
+def _pattern_value(pattern: dict[str, Any], module_name: str, default: Any) -> Any:
+    """Return the value of the first key of ``pattern`` that matches the end of ``module_name``, else ``default``.
+
+    The matching follows PEFT's ``rank_pattern`` and ``alpha_pattern``: a key is a regular
+    expression that must match a dotted suffix of the module name.
+    """
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+def _group_keys(state: dict[str, torch.Tensor], suffixes: tuple[str, ...],
+                method: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Group keys ``<module>.<suffix>`` by module, raising ``ValueError`` for every key without such a suffix."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    unsupported = []
+    for key, value in state.items():
+        suffix = next((s for s in suffixes if key.endswith("." + s)), None)
+        if suffix is None:
+            unsupported.append(key)
+        else:
+            grouped.setdefault(key[:-len(suffix) - 1], {})[suffix] = value
+    if unsupported:
+        raise ValueError(f"The {method} checkpoint has weights adapterkit cannot map: {sorted(unsupported)}. It maps "
+                         f"{', '.join(suffixes)} weights and the tensors of the model's head "
+                         "(modules_to_save naming a head module)")
+    if not grouped:
+        raise ValueError(f"The {method} checkpoint contains no {' or '.join(suffixes)} weights")
+    return grouped
+
+
+def _check_mappable(names: list[str], projections: dict[str, list[_Projection]], registry: AdapterRegistry) -> None:
+    unknown = sorted(name for name in names if name not in projections)
+    if unknown:
+        raise ValueError(f"The checkpoint adapts modules that are not projections adapterkit places LoRA or (IA)^3 "
+                         f"on in {registry.family!r} models: {unknown}. adapterkit adapts these roles: "
+                         f"{_describe_roles(projections)}")
+
+
+def _targets_and_leave_out(registry: AdapterRegistry,
+                           covered: list[_Projection]) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    roles = {entry.role for entry in covered}
+    blocks = {entry.index for entry in covered}
+    targets = tuple(role for role in ROLES if role in roles)
+    leave_out = tuple(i for i in range(len(registry.layout)) if i not in blocks)
+    return targets, leave_out
+
+
+def _uncovered(registry: AdapterRegistry, projections: dict[str, list[_Projection]], targets: tuple[str, ...],
+               leave_out: tuple[int, ...], covered: list[_Projection]) -> list[tuple[str, _Projection]]:
+    """Return ``(layer name, projection)`` for the projections adapterkit builds that the checkpoint lacks."""
+    done = {entry.key for entry in covered}
+    return [(name, entry) for name, entries in projections.items() for entry in entries
+            if entry.role in targets and entry.index not in leave_out and entry.key not in done]
+
+
+def _note_uncovered(notes: list[str], missing: list[tuple[str, _Projection]], filler: str) -> None:
+    if not missing:
+        return
+    examples = ", ".join(sorted({name for name, _ in missing})[:3])
+    notes.append(f"{len(missing)} projections of the adapted roles have no weights in the checkpoint "
+                 f"(e.g. {examples}); they get {filler}, which leaves their output unchanged")
+
+
+def _read_lora(registry: AdapterRegistry, peft_config: dict[str, Any], state: dict[str, torch.Tensor],
+               notes: list[str]) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
+    _check_options(peft_config, _LORA_KEYS, _LORA_DEFAULTS)
+    init = peft_config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise ValueError(f"init_lora_weights={init!r}: this initialisation also changes the base model's weights, "
+                         "so the adapter only works on that changed model. Save it from PEFT with "
+                         "path_initial_model_for_weight_conversion to convert it to plain LoRA")
+    grouped = _group_keys(state, ("lora_A.weight", "lora_B.weight"), "LoRA")
+    projections = _projections_by_name(registry)
+    _check_mappable(list(grouped), projections, registry)
+
+    use_rslora = bool(peft_config.get("use_rslora", False))
+    alpha_pattern = peft_config.get("alpha_pattern") or {}
+    default_alpha = peft_config.get("lora_alpha", 8)
+    # Per adapterkit module: (projection, A (rank, in), B rows (out_part, rank), rank, alpha, scaling).
+    pieces = []
+    for name, tensors in grouped.items():
+        if len(tensors) != 2:
+            raise ValueError(f"The checkpoint has only {', '.join(tensors)} for {name}; LoRA needs lora_A and lora_B")
+        lora_a, lora_b = tensors["lora_A.weight"], tensors["lora_B.weight"]
+        in_features, out_features = linear_shape(projections[name][0].layer)
+        rank = lora_a.shape[0]
+        if tuple(lora_a.shape) != (rank, in_features) or tuple(lora_b.shape) != (out_features, rank):
+            raise ValueError(f"The LoRA of {name} has lora_A {tuple(lora_a.shape)} and lora_B {tuple(lora_b.shape)}, "
+                             f"but the layer maps {in_features} to {out_features} features: expected "
+                             f"({rank}, {in_features}) and ({out_features}, {rank})")
+        alpha = _pattern_value(alpha_pattern, name, default_alpha)
+        scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        for entry in projections[name]:
+            pieces.append((entry, lora_a, lora_b[entry.rows(out_features)], rank, alpha, scaling))
+        if len(projections[name]) > 1:
+            roles = ", ".join(entry.role for entry in projections[name])
+            notes.append(f"The LoRA of the fused layer {name} becomes one LoRA per part ({roles}), each with the "
+                         "same lora_A and its rows of lora_B")
+
+    covered = [piece[0] for piece in pieces]
+    targets, leave_out = _targets_and_leave_out(registry, covered)
+    rank = max(piece[3] for piece in pieces)
+    positive = Counter(piece[5] for piece in pieces if piece[5] > 0)
+    reference_scaling = positive.most_common(1)[0][0] if positive else 1.0
+    # Keep PEFT's alpha itself where a module of full rank has the reference scaling, so the usual
+    # uniform checkpoint keeps its numbers; otherwise alpha = scaling * rank.
+    alpha = next((piece[4] for piece in pieces
+                  if not use_rslora and piece[3] == rank and piece[5] == reference_scaling), reference_scaling * rank)
+
+    weights: dict[str, torch.Tensor] = {}
+    padded = folded = 0
+    for entry, lora_a, lora_b, piece_rank, _, scaling in pieces:
+        factor = scaling / reference_scaling
+        padded_a = lora_a.new_zeros(rank, lora_a.shape[1])
+        padded_a[:piece_rank] = lora_a
+        padded_b = lora_b.new_zeros(lora_b.shape[0], rank)
+        padded_b[:, :piece_rank] = lora_b if factor == 1.0 else (lora_b.double() * factor).to(lora_b.dtype)
+        weights[f"{entry.key}.lora_A"] = padded_a
+        weights[f"{entry.key}.lora_B"] = padded_b
+        padded += piece_rank < rank
+        folded += factor != 1.0
+    if padded:
+        notes.append(f"{padded} LoRA modules have a rank below {rank}; their lora_A rows and lora_B columns are "
+                     f"padded with zeros to rank {rank}")
+    if folded:
+        notes.append(f"{folded} LoRA modules have another scaling than {reference_scaling:g}; their lora_B is "
+                     f"multiplied by (their scaling / {reference_scaling:g}), so training it further changes "
+                     "their effective learning rate")
+
+    # lora_B = 0 keeps these modules' output at zero. lora_A gets LoRA's usual Kaiming-uniform draw
+    # (bound 1 / sqrt(in_features)), from a fixed seed so that reading is deterministic, so that
+    # training can move them.
+    missing = _uncovered(registry, projections, targets, leave_out, covered)
+    generator = torch.Generator().manual_seed(0)
+    for name, entry in missing:
+        in_features, out_features = linear_shape(entry.layer)
+        bound = 1.0 / math.sqrt(in_features)
+        weights[f"{entry.key}.lora_A"] = (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
+        weights[f"{entry.key}.lora_B"] = torch.zeros(out_features // entry.ref.parts, rank)
+    _note_uncovered(notes, missing, "lora_B = 0 and a new lora_A")
+
+    config = LoRAConfig(r=rank, alpha=alpha, dropout=float(peft_config.get("lora_dropout", 0.0) or 0.0),
+                        targets=targets, leave_out=leave_out)
+    return config, weights
+
+
+def _read_ia3(registry: AdapterRegistry, peft_config: dict[str, Any], state: dict[str, torch.Tensor],
+              notes: list[str]) -> tuple[IA3Config, dict[str, torch.Tensor]]:
+    _check_options(peft_config, _IA3_KEYS, {})
+    grouped = _group_keys(state, ("ia3_l",), "(IA)^3")
+    projections = _projections_by_name(registry)
+    _check_mappable(list(grouped), projections, registry)
+
+    weights: dict[str, torch.Tensor] = {}
+    covered: list[_Projection] = []
+    wrong_side = []
+    for name, tensors in grouped.items():
+        vector = tensors["ia3_l"]
+        in_features, out_features = linear_shape(projections[name][0].layer)
+        if tuple(vector.shape) == (out_features, 1):
+            scales_input = False
+        elif tuple(vector.shape) == (1, in_features):
+            scales_input = True
+        else:
+            raise ValueError(f"The (IA)^3 vector of {name} has shape {tuple(vector.shape)}: expected "
+                             f"({out_features}, 1) for its output or (1, {in_features}) for its input")
+        for entry in projections[name]:
+            if scales_input != (entry.role == "ff_out") or (scales_input and entry.ref.parts > 1):
+                side = "input" if scales_input else "output"
+                wrong_side.append(f"{name} ({entry.role}, PEFT scales its {side})")
+                continue
+            flat = vector.flatten()
+            weights[f"{entry.key}.scale"] = flat if scales_input else flat[entry.rows(out_features)]
+            covered.append(entry)
+    if wrong_side:
+        raise ValueError(f"adapterkit's (IA)^3 scales the input of ff_out projections and the output of every other "
+                         f"role, but the checkpoint scales the other side of {wrong_side}. Train the PEFT adapter "
+                         "with feedforward_modules naming exactly its ff_out layers")
+
+    targets, leave_out = _targets_and_leave_out(registry, covered)
+    missing = _uncovered(registry, projections, targets, leave_out, covered)
+    for name, entry in missing:
+        in_features, out_features = linear_shape(entry.layer)
+        features = in_features if entry.role == "ff_out" else out_features // entry.ref.parts
+        weights[f"{entry.key}.scale"] = torch.ones(features)
+    _note_uncovered(notes, missing, "an (IA)^3 vector of ones")
+    return IA3Config(targets=targets, leave_out=leave_out), weights
+
+
+def _read_prefix(registry: AdapterRegistry, peft_config: dict[str, Any], state: dict[str, torch.Tensor],
+                 notes: list[str]) -> tuple[PrefixTuningConfig, dict[str, torch.Tensor]]:
+    _check_options(peft_config, _PREFIX_KEYS, {})
+    extra = sorted(key for key in state if key != "prompt_embeddings")
+    if extra or "prompt_embeddings" not in state:
+        raise ValueError(f"A prefix tuning checkpoint contains prompt_embeddings and head weights only; this one has "
+                         f"{extra or 'no prompt_embeddings'}")
+    layout = registry.layout
+    submodules = peft_config.get("num_transformer_submodules") or 1
+    if submodules != 1 or len(layout.spec.stacks) != 1:
+        # PEFT 0.21 on transformers 5 prefixes only the decoder self-attention of encoder-decoder
+        # models, takes those prefixes from a duplicated layer layout and shifts decoder positions.
+        raise ValueError(f"Prefix tuning of encoder-decoder models (num_transformer_submodules={submodules}, "
+                         f"{layout.family!r}) is not supported: PEFT prefixes decoder self-attention only, in a "
+                         "layout adapterkit's prefixes cannot reproduce")
+
+    _check_prefix_family(layout.family)
+    prefix = state["prompt_embeddings"]
+    kv_heads, head_dim = attention_shape(registry.model.config)
+    length = int(peft_config.get("num_virtual_tokens") or prefix.shape[0])
+    expected = {"num_layers": len(layout), "num_attention_heads": kv_heads, "token_dim": kv_heads * head_dim}
+    wrong = [f"{key}={peft_config.get(key)!r} (this model: {value})" for key, value in expected.items()
+             if peft_config.get(key) is not None and peft_config.get(key) != value]
+    shape = (length, len(layout) * 2 * kv_heads * head_dim)
+    if wrong or tuple(prefix.shape) != shape:
+        raise ValueError(f"The prefix does not fit this model: {'; '.join(wrong) or 'sizes match'}, prompt_embeddings "
+                         f"{tuple(prefix.shape)}, expected {shape}")
+
+    config = PrefixTuningConfig(prefix_length=length, flat=True)
+    groups = layout.prefix_stacks(config)
+    if len(groups) != 1 or groups[0][2] != list(range(len(layout))):
+        raise ValueError(f"adapterkit's {layout.family!r} description does not put one prefix on every block, as PEFT "
+                         "does; set the stack's attention_module")
+    if peft_config.get("prefix_projection"):
+        notes.append("The checkpoint holds the output of PEFT's prefix MLP, not the MLP, so the prefix is loaded flat")
+    notes.append(f"PEFT numbers the real tokens from {length} (after the prefix); pass position ids starting at "
+                 f"{length} to reproduce its outputs")
+    text_config = getattr(registry.model.config, "text_config", None) or registry.model.config
+    window = getattr(text_config, "sliding_window", None)
+    if window:
+        notes.append(f"PEFT's prefix sits in the KV cache, so sliding-window layers stop attending to it more than "
+                     f"{window} positions later, while adapterkit's prefix stays visible: outputs match while "
+                     f"{length} + the sequence length <= {window}")
+    return config, {f"methods.0.prefix.{groups[0][0]}.prefix": prefix}
+
+
+def _check_prefix_family(family: str) -> None:
+    if family in _PREFIX_IGNORED_FAMILIES:
+        raise ValueError(f"PEFT's prefix tuning has no effect on {family!r} models: their attention ignores the KV "
+                         "cache that PEFT passes the prefix in, so adapterkit's prefix cannot reproduce it")
+
+
+# -- writing --------------------------------------------------------------------------------------
+
+def write_peft(registry: AdapterRegistry, name: str, directory: str | os.PathLike) -> Path:
+    """Write adapter ``name`` as a PEFT checkpoint that ``PeftModel.from_pretrained`` loads onto the base model.
+
+    LoRA parts of a fused layer (GPT-2's ``c_attn``) become one LoRA on the layer. Its ``lora_A``
+    stacks the parts' ``A`` matrices and its ``lora_B`` is block-diagonal, so its rank is
+    ``parts * r``. Its ``alpha`` is ``parts * alpha``, which keeps the scaling ``alpha / r``.
+    ``rank_pattern`` and ``alpha_pattern`` set both. Prefix tuning is written flat: a prefix MLP is
+    saved as its output, as PEFT does. The head, if the model has one, is saved through
+    ``modules_to_save``. The weights file is written before the config, each through a temporary file.
+
+    NOTE: PEFT 0.21's sequence classification wrapper rejects prefix tuning on transformers 5
+    ("Model does not support past key values"), so a prefix written from a
+    ``*ForSequenceClassification`` model loads in PEFT but does not run there.
+
+    Args:
+        registry: The adapter registry of the model (``model._adapterkit``).
+        name: The adapter to write.
+        directory: The target folder, created if missing.
+
+    Returns:
+        The folder.
+
+    Raises:
+        ValueError: If the adapter has no PEFT equivalent: several methods, a method other than
+            LoRA, (IA)^3 and prefix tuning, gating, or a prefix on only some blocks.
+    """
+    registry.check_names([name])
+    directory = Path(directory)
+    config = registry.entries[name].config
+    if len(config.methods) != 1:
+        raise ValueError(f"Adapter {name!r} combines {len(config.methods)} methods; a PEFT checkpoint contains one. "
+                         "Write each method as its own adapter")
+    member = config.methods[0]
+    tree = registry.modules_of(name)["methods"]["0"]
+    if isinstance(member, LoRAConfig):
+        peft_config, weights = _lora_to_peft(registry, member, tree)
+    elif isinstance(member, IA3Config):
+        peft_config, weights = _ia3_to_peft(registry, tree)
+    elif isinstance(member, PrefixTuningConfig):
+        peft_config, weights = _prefix_to_peft(registry, member, tree)
+    else:
+        raise ValueError(f"Adapter {name!r} is a {member.architecture} adapter, which PEFT has no format for; "
+                         "adapterkit writes LoRA, (IA)^3 and prefix tuning adapters as PEFT checkpoints")
+
+    prefix = "base_model." if peft_config["peft_type"] in _PROMPT_LEARNING_TYPES else "base_model.model."
+    # PEFT saves prefix tuning's prompt_embeddings without a module prefix.
+    tensors = {key if key == "prompt_embeddings" else f"{prefix}{key}": value for key, value in weights.items()}
+    head = registry.modules_of(name)["head"]
+    for key, value in head.state_dict().items():
+        tensors[f"{prefix}{key}"] = value
+    tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in tensors.items()}
+    peft_config.update({
+        "task_type": _task_type(registry.model),
+        "base_model_name_or_path": getattr(registry.model.config, "_name_or_path", None) or None,
+        "modules_to_save": list(head.keys()) or None,
+        "inference_mode": True,
+    })
+
+    write_atomically(directory / SAFETENSORS_FILE,
+                     lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
+    text = json.dumps(dict(sorted(peft_config.items())), indent=2) + "\n"
+    write_atomically(directory / CONFIG_FILE, lambda path: path.write_text(text, encoding="utf-8"))
+    logger.info("Wrote adapter %r as a PEFT %s checkpoint to %s", name, peft_config["peft_type"], directory)
+    return directory
+
+
+# PEFT task types by the transformers auto-class mapping whose classes they wrap.
+_TASK_MAPPINGS = (("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "SEQ_CLS"),
+                  ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "CAUSAL_LM"),
+                  ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "SEQ_2_SEQ_LM"),
+                  ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "TOKEN_CLS"),
+                  ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "QUESTION_ANS"),
+                  ("MODEL_MAPPING_NAMES", "FEATURE_EXTRACTION"))
+
+
+def _task_type(model: nn.Module) -> str | None:
+    """Return the PEFT task type of the model's class, which picks the ``PeftModel`` subclass on loading.
+
+    Returns ``None`` for a class that no transformers auto class lists for its ``model_type``.
+    """
+    class_name = type(model).__name__
+    model_type = getattr(model.config, "model_type", None)
+    for mapping_name, task in _TASK_MAPPINGS:
+        names = getattr(modeling_auto, mapping_name, {}).get(model_type)
+        if class_name == names or (isinstance(names, (tuple, list)) and class_name in names):
+            return task
+    return None
+
+
+def _adapted_layers(registry: AdapterRegistry, tree: nn.ModuleDict) -> dict[str, dict[str, Any]]:
+    """Return, per adapted layer name, the layer and its adapterkit modules as ``{(part, role): module}``."""
+    names = {id(module): name for name, module in _module_names(registry.model).items()}
+    layout = registry.layout
+    layers: dict[str, dict[str, Any]] = {}
+    for index, roles in tree["layers"].items():
+        stack, _ = layout.blocks[int(index)]
+        for role, numbered in roles.items():
+            for number, module in enumerate(numbered):
+                ref = stack.linear_refs(role)[number]
+                layer = layout.projection(int(index), role, number)
+                entry = layers.setdefault(names[id(layer)], {"layer": layer, "parts": ref.parts, "modules": {}})
+                entry["modules"][(ref.part, role)] = module
+    if not layers:
+        raise ValueError("The adapter leaves out every block, so it has no module to write")
+    return layers
+
+
+def _target_names(model: nn.Module, layer_names: list[str]) -> list[str]:
+    """Return the shortest dotted suffix of each of ``layer_names`` that selects no module outside them.
+
+    PEFT's ``target_modules`` list selects a module whose name equals an entry or ends with
+    ``"." + entry``, so the returned entries together select exactly ``layer_names``. A suffix never
+    starts with a block number: it reads ``layer.0.output.dense``, not ``0.output.dense``.
+    """
+    all_names = list(_module_names(model))
+    chosen_set = set(layer_names)
+    found = set()
+    for name in layer_names:
+        parts = name.split(".")
+        for start in range(len(parts) - 1, -1, -1):
+            if start > 0 and parts[start].isdigit():
+                continue
+            entry = ".".join(parts[start:])
+            if all(other in chosen_set for other in all_names if other == entry or other.endswith("." + entry)):
+                found.add(entry)
+                break
+    return sorted(found)
+
+
+def _lora_to_peft(registry: AdapterRegistry, config: LoRAConfig,
+                  tree: nn.ModuleDict) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    if config.use_gating:
+        raise ValueError("PEFT's LoRA has no gate; an adapter with use_gating=True (UniPELT) cannot be written "
+                         "in the PEFT format")
+    weights: dict[str, torch.Tensor] = {}
+    shapes: dict[str, tuple[int, float]] = {}
+    layers = _adapted_layers(registry, tree)
+    for name, entry in layers.items():
+        modules = [entry["modules"][key] for key in sorted(entry["modules"])]
+        count = len(modules)
+        if entry["parts"] == 1:
+            lora_a, lora_b = modules[0].lora_A, modules[0].lora_B
+        else:
+            # One block of lora_A rows and one diagonal block of lora_B per part, so the update of each
+            # part's output rows is that part's own B A.
+            _, out_features = linear_shape(entry["layer"])
+            width = out_features // entry["parts"]
+            lora_a = torch.cat([module.lora_A for module in modules])
+            lora_b = lora_a.new_zeros(out_features, count * config.r)
+            for slot, (part, _) in enumerate(sorted(entry["modules"])):
+                lora_b[part * width:(part + 1) * width, slot * config.r:(slot + 1) * config.r] = modules[slot].lora_B
+        weights[f"{name}.lora_A.weight"] = lora_a
+        weights[f"{name}.lora_B.weight"] = lora_b
+        shapes[name] = (count * config.r, count * config.alpha if entry["parts"] > 1 else config.alpha)
+
+    rank, alpha = Counter(shapes.values()).most_common(1)[0][0]
+    conv1d = [type(entry["layer"]).__name__ == "Conv1D" for entry in layers.values()]
+    peft_config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": _target_names(registry.model, list(layers)),
+        "rank_pattern": {re.escape(name): value[0] for name, value in shapes.items() if value[0] != rank},
+        "alpha_pattern": {re.escape(name): value[1] for name, value in shapes.items() if value[1] != alpha},
+        "fan_in_fan_out": all(conv1d),
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+    }
+    return peft_config, weights
+
+
+def _ia3_to_peft(registry: AdapterRegistry, tree: nn.ModuleDict) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    weights: dict[str, torch.Tensor] = {}
+    feedforward = []
+    layers = _adapted_layers(registry, tree)
+    for name, entry in layers.items():
+        in_features, out_features = linear_shape(entry["layer"])
+        if any(role == "ff_out" for _, role in entry["modules"]):
+            (module,) = entry["modules"].values()
+            weights[f"{name}.ia3_l"] = module.scale.reshape(1, in_features)
+            feedforward.append(name)
+            continue
+        reference = next(iter(entry["modules"].values())).scale
+        vector = torch.ones(out_features, dtype=reference.dtype, device=reference.device)
+        width = out_features // entry["parts"]
+        for (part, _), module in entry["modules"].items():
+            vector[part * width:(part + 1) * width] = module.scale
+        weights[f"{name}.ia3_l"] = vector.reshape(out_features, 1)
+
+    targets = _target_names(registry.model, list(layers))
+    # PEFT treats a targeted module as feed-forward when its name ends with an entry of
+    # feedforward_modules (no dot needed), and requires those entries to be target_modules entries.
+    chosen = [suffix for suffix in targets
+              if all(name in feedforward for name in layers if name == suffix or name.endswith("." + suffix))]
+    selected = {name for name in layers if any(name.endswith(suffix) for suffix in chosen)}
+    if selected != set(feedforward):
+        targets = sorted(layers)
+        chosen = sorted(feedforward)
+    peft_config = {
+        "peft_type": "IA3",
+        "target_modules": targets,
+        "feedforward_modules": chosen,
+        "fan_in_fan_out": all(type(entry["layer"]).__name__ == "Conv1D" for entry in layers.values()),
+        "init_ia3_weights": True,
+    }
+    return peft_config, weights
+
+
+def _prefix_to_peft(registry: AdapterRegistry, config: PrefixTuningConfig,
+                    tree: nn.ModuleDict) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    layout = registry.layout
+    groups = layout.prefix_stacks(config)
+    if len(layout.spec.stacks) != 1:
+        raise ValueError(f"Prefix tuning of encoder-decoder models ({layout.family!r}) cannot be written in the PEFT "
+                         "format: PEFT prefixes decoder self-attention only, in another layout")
+    if len(groups) != 1 or groups[0][2] != list(range(len(layout))):
+        raise ValueError(f"PEFT puts a prefix on every block, but this adapter leaves out blocks "
+                         f"{list(config.leave_out)}; write an adapter with leave_out=()")
+    _check_prefix_family(layout.family)
+    if config.use_gating:
+        raise ValueError("PEFT's prefix tuning has no gate; an adapter with use_gating=True (UniPELT) cannot be "
+                         "written in the PEFT format")
+    if _task_type(registry.model) is None:
+        raise ValueError(f"PEFT applies prefix tuning through its task wrappers, and none fits a "
+                         f"{type(registry.model).__name__}; use a model class of a transformers auto class "
+                         "(such as AutoModelForCausalLM or AutoModel)")
+    module = tree["prefix"][groups[0][0]]
+    with torch.no_grad():
+        prefix = module.prefix if module.flat else module.mlp(module.embedding.weight)
+    if not module.flat:
+        logger.warning("PEFT stores the prefix MLP's output only, so the checkpoint contains the prefix flat and "
+                       "training it further in PEFT trains the prefix directly")
+    kv_heads, head_dim = attention_shape(registry.model.config)
+    peft_config = {
+        "peft_type": "PREFIX_TUNING",
+        "num_virtual_tokens": config.prefix_length,
+        "token_dim": kv_heads * head_dim,
+        "num_attention_heads": kv_heads,
+        "num_layers": len(layout),
+        "num_transformer_submodules": 1,
+        "encoder_hidden_size": layout.hidden_size,
+        "prefix_projection": False,
+    }
+    return peft_config, {"prompt_embeddings": prefix}

@@ -1,0 +1,604 @@
+"""Reading and writing Hugging Face PEFT checkpoints, checked against PEFT itself in the same process.
+
+Every comparison builds one tiny random model and gives one copy to PEFT and another to adapterkit.
+The adapter is randomised on one side (LoRA B non-zero, (IA)^3 vectors away from 1) and moved
+through a checkpoint folder to the other side. PEFT's forward pass is the expected output.
+
+Prefix tuning: PEFT (0.21 on transformers 5) passes the prefix as a KV cache, so the model numbers
+the real tokens after the prefix. adapterkit's prefix leaves positions alone, so the comparisons give
+the adapterkit model position ids shifted by the prefix length. PEFT's sequence classification
+wrappers reject prefix tuning on transformers 5 ("Model does not support past key values"), so the
+prefix tests use causal language models and bare encoders.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+
+import pytest
+import torch
+import transformers
+from adapter_helpers import randomize_parameters
+
+import adapterkit
+from adapterkit import BottleneckConfig, ConfigUnion, IA3Config, LoRAConfig, PrefixTuningConfig
+from adapterkit.formats.peft import is_peft_checkpoint, read_peft, write_peft
+
+peft = pytest.importorskip("peft")
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+TOLERANCE = 1e-5
+# Outputs must move by more than this when an adapter is on, so a test cannot pass with an adapter that does nothing.
+MIN_EFFECT = 1e-3
+PREFIX_LENGTH = 3
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def _outputs(model, input_ids, **kwargs):
+    output = model(input_ids=input_ids, **kwargs)
+    logits = getattr(output, "logits", None)
+    return logits if logits is not None else output.last_hidden_state
+
+
+@torch.no_grad()
+def _randomize_peft(peft_model, markers, mean=0.0, std=0.2, seed=3):
+    """Draw every PEFT parameter whose name contains one of ``markers`` from normal(mean, std)."""
+    generator = torch.Generator().manual_seed(seed)
+    changed = 0
+    for name, parameter in peft_model.named_parameters():
+        if any(marker in name for marker in markers):
+            parameter.copy_(mean + std * torch.randn(parameter.shape, generator=generator))
+            changed += 1
+    assert changed, f"no parameter of the PEFT model contains {markers}"
+
+
+@torch.no_grad()
+def _randomize_adapter(model, name, mean=0.0, std=0.2, seed=4):
+    generator = torch.Generator().manual_seed(seed)
+    for parameter in model._adapterkit.modules_of(name).parameters():
+        parameter.copy_(mean + std * torch.randn(parameter.shape, generator=generator))
+
+
+def _peft_reference(base, peft_config, directory, markers, mean=0.0, std=0.2):
+    """Build a PEFT model on a copy of ``base``, randomise its adapter and head, save it, and return the model."""
+    peft_model = peft.get_peft_model(copy.deepcopy(base), peft_config)
+    _randomize_peft(peft_model, markers, mean=mean, std=std)
+    if any("modules_to_save" in name for name, _ in peft_model.named_parameters()):
+        _randomize_peft(peft_model, ("modules_to_save",), seed=5)
+    peft_model.eval()
+    peft_model.save_pretrained(str(directory))
+    return peft_model
+
+
+def _load_with_adapterkit(base, directory):
+    """Read the PEFT checkpoint into a copy of ``base`` through read_peft; return the model and checkpoint."""
+    model = adapterkit.init(copy.deepcopy(base))
+    checkpoint = read_peft(model._adapterkit, directory)
+    model.add_adapter("peft", checkpoint.config)
+    model._adapterkit.modules_of("peft").load_state_dict(checkpoint.weights)
+    model.set_active_adapters("peft")
+    return model, checkpoint
+
+
+def _assert_close(actual, expected, base_output):
+    assert (expected - base_output).abs().max().item() > MIN_EFFECT
+    assert (actual - expected).abs().max().item() < TOLERANCE
+
+
+def _body_model(tiny_model, family, model_class):
+    """Return a tiny ``model_class`` model (causal LM or bare encoder) with the ``tiny_model`` config of ``family``."""
+    config = tiny_model(family).config
+    torch.manual_seed(0)
+    return model_class.from_config(config).eval()
+
+
+def _shifted_positions(model, input_ids, offset):
+    """Return the position ids that PEFT's prefix cache gives the real tokens (RoBERTa counts from padding_idx + 1)."""
+    start = offset
+    if model.config.model_type == "roberta":
+        start += model.config.pad_token_id + 1
+    return torch.arange(start, start + input_ids.shape[1]).expand(input_ids.shape[0], -1)
+
+
+# -- PEFT -> adapterkit: LoRA ---------------------------------------------------------------------
+
+HEAD_TO_SAVE = {"t5": ["classification_head"], "bart": ["classification_head"]}
+
+LORA_FROM_PEFT = [
+    ("bert", dict(target_modules=["query", "value"])),
+    # "output.dense" matches both attention.output.dense (attention_output) and output.dense (ff_out).
+    ("roberta", dict(target_modules=["key", "output.dense"])),
+    ("gpt2", dict(target_modules=["c_attn", "mlp.c_proj"], fan_in_fan_out=True)),
+    ("llama", dict(target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])),
+    ("t5", dict(target_modules=["q", "wo"])),
+    ("bart", dict(target_modules=["q_proj", "fc1"])),
+]
+
+
+@pytest.mark.parametrize("family, options", LORA_FROM_PEFT, ids=[case[0] for case in LORA_FROM_PEFT])
+def test_lora_from_peft_matches(family, options, tiny_model, tiny_inputs, tmp_path):
+    base = tiny_model(family)
+    ids = tiny_inputs(family)
+    config = peft.LoraConfig(r=4, lora_alpha=8, task_type="SEQ_CLS", modules_to_save=HEAD_TO_SAVE.get(family),
+                             **options)
+    peft_model = _peft_reference(base, config, tmp_path, ("lora_",))
+
+    model, checkpoint = _load_with_adapterkit(base, tmp_path)
+
+    assert checkpoint.info["peft_type"] == "LORA"
+    assert checkpoint.info["head_keys"], "the randomised head must come from the checkpoint"
+    _assert_close(_outputs(model, ids), _outputs(peft_model, ids), _outputs(base, ids))
+
+
+def test_lora_from_peft_maps_roles(tiny_model, tmp_path):
+    base = tiny_model("llama")
+    _peft_reference(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"], task_type="SEQ_CLS"),
+                    tmp_path, ("lora_",))
+
+    checkpoint = read_peft(adapterkit.init(copy.deepcopy(base))._adapterkit, tmp_path)
+
+    assert checkpoint.config == LoRAConfig(r=4, alpha=8, targets=("query", "ff_in"))
+    # gate_proj plays ff_in too, so it gets a zero LoRA, which the notes report.
+    assert torch.count_nonzero(checkpoint.weights["methods.0.layers.0.ff_in.0.lora_B"]) == 0
+    assert any("no weights in the checkpoint" in note for note in checkpoint.info["notes"])
+
+
+def test_lora_from_peft_splits_fused_layer(tiny_model, tmp_path):
+    base = tiny_model("gpt2")
+    peft_model = _peft_reference(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"],
+                                                       fan_in_fan_out=True, task_type="SEQ_CLS"), tmp_path, ("lora_",))
+    layer = peft_model.base_model.model.transformer.h[1].attn.c_attn
+
+    checkpoint = read_peft(adapterkit.init(copy.deepcopy(base))._adapterkit, tmp_path)
+
+    assert checkpoint.config.targets == ("query", "key", "value")
+    lora_b = layer.lora_B["default"].weight
+    for part, role in enumerate(("query", "key", "value")):
+        assert torch.equal(checkpoint.weights[f"methods.0.layers.1.{role}.0.lora_A"], layer.lora_A["default"].weight)
+        assert torch.equal(checkpoint.weights[f"methods.0.layers.1.{role}.0.lora_B"], lora_b[32 * part:32 * (part + 1)])
+    assert any("fused layer" in note for note in checkpoint.info["notes"])
+
+
+LORA_PATTERNS = [
+    ("bert", dict(target_modules=["query", "value", "intermediate.dense"],
+                  rank_pattern={"value": 2, "layer.1.attention.self.query": 6},
+                  alpha_pattern={"intermediate.dense": 3})),
+    ("gpt2", dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, rank_pattern={"c_fc": 5},
+                  alpha_pattern={"h.0.attn.c_attn": 1})),
+    ("llama", dict(target_modules=["k_proj", "o_proj", "gate_proj"], use_rslora=True, lora_alpha=6)),
+    ("llama", dict(target_modules=["q_proj", "down_proj"], layers_to_transform=[1])),
+]
+
+
+@pytest.mark.parametrize("family, options", LORA_PATTERNS, ids=["bert-patterns", "gpt2-patterns", "llama-rslora",
+                                                                 "llama-one-layer"])
+def test_lora_from_peft_per_module_ranks(family, options, tiny_model, tiny_inputs, tmp_path):
+    base = tiny_model(family)
+    ids = tiny_inputs(family)
+    options = {"r": 4, "lora_alpha": 8, **options}
+    peft_model = _peft_reference(base, peft.LoraConfig(task_type="SEQ_CLS", **options), tmp_path, ("lora_",))
+
+    model, checkpoint = _load_with_adapterkit(base, tmp_path)
+
+    _assert_close(_outputs(model, ids), _outputs(peft_model, ids), _outputs(base, ids))
+    if "layers_to_transform" in options:
+        assert checkpoint.config.leave_out == (0,)
+
+
+def test_lora_from_peft_notes_padding(tiny_model, tmp_path):
+    base = tiny_model("bert")
+    _peft_reference(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                          rank_pattern={"value": 2}, task_type="SEQ_CLS"), tmp_path, ("lora_",))
+
+    checkpoint = read_peft(adapterkit.init(copy.deepcopy(base))._adapterkit, tmp_path)
+
+    assert checkpoint.config.r == 4
+    value_a = checkpoint.weights["methods.0.layers.0.value.0.lora_A"]
+    assert value_a.shape == (4, 32)
+    assert torch.count_nonzero(value_a[2:]) == 0
+    notes = " ".join(checkpoint.info["notes"])
+    assert "padded with zeros" in notes
+    assert "scaling" in notes
+
+
+# -- PEFT -> adapterkit: (IA)^3 -------------------------------------------------------------------
+
+IA3_FROM_PEFT = [
+    # Regular expressions, which distinguish the feed-forward output.dense from attention.output.dense.
+    ("bert", dict(target_modules=r".*\.(key|value)|.*layer\.\d+\.output\.dense",
+                  feedforward_modules=r".*layer\.\d+\.output\.dense")),
+    ("roberta", dict(target_modules=["query", "intermediate.dense"], feedforward_modules=[])),
+    ("gpt2", dict(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"])),
+    ("llama", dict(target_modules=["k_proj", "v_proj", "up_proj", "down_proj"], feedforward_modules=["down_proj"])),
+    ("t5", dict(target_modules=["k", "v", "wo"], feedforward_modules=["wo"])),
+    ("bart", dict(target_modules=["k_proj", "out_proj", "fc2"], feedforward_modules=["fc2"])),
+]
+
+
+@pytest.mark.parametrize("family, options", IA3_FROM_PEFT, ids=[case[0] for case in IA3_FROM_PEFT])
+def test_ia3_from_peft_matches(family, options, tiny_model, tiny_inputs, tmp_path):
+    base = tiny_model(family)
+    ids = tiny_inputs(family)
+    config = peft.IA3Config(task_type="SEQ_CLS", modules_to_save=HEAD_TO_SAVE.get(family), **options)
+    peft_model = _peft_reference(base, config, tmp_path, ("ia3_l",), mean=1.0, std=0.5)
+
+    model, checkpoint = _load_with_adapterkit(base, tmp_path)
+
+    assert checkpoint.info["peft_type"] == "IA3"
+    _assert_close(_outputs(model, ids), _outputs(peft_model, ids), _outputs(base, ids))
+
+
+def test_ia3_from_peft_maps_sides(tiny_model, tmp_path):
+    base = tiny_model("gpt2")
+    _peft_reference(base, peft.IA3Config(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"],
+                                         task_type="SEQ_CLS"), tmp_path, ("ia3_l",), mean=1.0)
+
+    checkpoint = read_peft(adapterkit.init(copy.deepcopy(base))._adapterkit, tmp_path)
+
+    assert checkpoint.config == IA3Config(targets=("query", "key", "value", "ff_out"))
+    assert checkpoint.weights["methods.0.layers.0.query.0.scale"].shape == (32,)
+    assert checkpoint.weights["methods.0.layers.0.ff_out.0.scale"].shape == (128,)
+
+
+# -- PEFT -> adapterkit: prefix tuning ------------------------------------------------------------
+
+PREFIX_FAMILIES = [
+    ("gpt2", transformers.AutoModelForCausalLM, "CAUSAL_LM"),
+    ("llama", transformers.AutoModelForCausalLM, "CAUSAL_LM"),
+    ("bert", transformers.AutoModel, "FEATURE_EXTRACTION"),
+    ("roberta", transformers.AutoModel, "FEATURE_EXTRACTION"),
+]
+
+
+@pytest.mark.parametrize("family, model_class, task", PREFIX_FAMILIES, ids=[case[0] for case in PREFIX_FAMILIES])
+def test_prefix_from_peft_matches_shifted(family, model_class, task, tiny_model, tiny_inputs, tmp_path):
+    base = _body_model(tiny_model, family, model_class)
+    ids = tiny_inputs(family)
+    config = peft.PrefixTuningConfig(num_virtual_tokens=PREFIX_LENGTH, task_type=task)
+    peft_model = _peft_reference(base, config, tmp_path, ("prompt_encoder",))
+
+    model, checkpoint = _load_with_adapterkit(base, tmp_path)
+    offset = checkpoint.info["position_offset"]
+    expected = _outputs(peft_model, ids)
+
+    assert offset == PREFIX_LENGTH
+    assert checkpoint.config == PrefixTuningConfig(prefix_length=PREFIX_LENGTH, flat=True)
+    positions = _shifted_positions(model, ids, offset)
+    _assert_close(_outputs(model, ids, position_ids=positions), expected, _outputs(base, ids))
+    # Without the shift the outputs differ: the prefix does not move adapterkit's positions.
+    assert (_outputs(model, ids) - expected).abs().max().item() > MIN_EFFECT
+
+
+def test_prefix_from_peft_projection(tiny_model, tiny_inputs, tmp_path):
+    base = _body_model(tiny_model, "llama", transformers.AutoModelForCausalLM)
+    ids = tiny_inputs("llama")
+    config = peft.PrefixTuningConfig(num_virtual_tokens=PREFIX_LENGTH, task_type="CAUSAL_LM", prefix_projection=True,
+                                     encoder_hidden_size=16)
+    peft_model = _peft_reference(base, config, tmp_path, ("prompt_encoder",))
+
+    model, checkpoint = _load_with_adapterkit(base, tmp_path)
+    positions = _shifted_positions(model, ids, checkpoint.info["position_offset"])
+
+    _assert_close(_outputs(model, ids, position_ids=positions), _outputs(peft_model, ids), _outputs(base, ids))
+    assert any("prefix MLP" in note for note in checkpoint.info["notes"])
+
+
+def test_prefix_from_peft_reads_head(tiny_model, tmp_path):
+    base = tiny_model("bert")
+    config = peft.PrefixTuningConfig(num_virtual_tokens=PREFIX_LENGTH, task_type="SEQ_CLS")
+    peft_model = _peft_reference(base, config, tmp_path, ("prompt_encoder",))
+    saved_head = peft_model.base_model.classifier.modules_to_save["default"]
+
+    checkpoint = read_peft(adapterkit.init(copy.deepcopy(base))._adapterkit, tmp_path)
+
+    assert checkpoint.info["head_keys"] == ["head.classifier.bias", "head.classifier.weight"]
+    assert torch.equal(checkpoint.weights["head.classifier.weight"], saved_head.weight)
+    assert torch.equal(checkpoint.weights["methods.0.prefix.encoder.prefix"],
+                       peft_model.prompt_encoder["default"].embedding.weight)
+
+
+def test_read_bin_checkpoint(tiny_model, tmp_path):
+    base = tiny_model("bert")
+    config = peft.LoraConfig(target_modules=["query"], task_type="SEQ_CLS")
+    peft_model = peft.get_peft_model(copy.deepcopy(base), config)
+    _randomize_peft(peft_model, ("lora_",))
+    peft_model.save_pretrained(str(tmp_path / "bin"), safe_serialization=False)
+    peft_model.save_pretrained(str(tmp_path / "safetensors"))
+    registry = adapterkit.init(copy.deepcopy(base))._adapterkit
+
+    from_bin = read_peft(registry, tmp_path / "bin")
+    from_safetensors = read_peft(registry, tmp_path / "safetensors")
+
+    assert (tmp_path / "bin" / "adapter_model.bin").is_file()
+    assert from_bin.config == from_safetensors.config
+    for key, value in from_safetensors.weights.items():
+        assert torch.equal(from_bin.weights[key], value), key
+
+
+# -- adapterkit -> PEFT ---------------------------------------------------------------------------
+
+def _write_and_load_in_peft(base, config, directory, mean=0.0):
+    """Add a randomised adapterkit adapter to a copy of ``base``, write it, and load it with PEFT."""
+    model = adapterkit.init(copy.deepcopy(base))
+    model.add_adapter("mine", config)
+    _randomize_adapter(model, "mine", mean=mean)
+    model.set_active_adapters("mine")
+    write_peft(model._adapterkit, "mine", directory)
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(directory)).eval()
+    return model, peft_model
+
+
+LORA_TO_PEFT = [
+    ("bert", LoRAConfig(r=4, alpha=8, targets=("query", "value", "ff_out"))),
+    ("roberta", LoRAConfig(r=2, alpha=5, targets=("attention_output", "ff_in"), leave_out=(0,))),
+    # Two of c_attn's three parts: one PEFT LoRA of rank 6 with a zero block for the key rows.
+    ("gpt2", LoRAConfig(r=3, alpha=6, targets=("query", "value", "ff_out"))),
+    ("gpt2", LoRAConfig(r=2, alpha=3, targets=("query", "key", "value", "attention_output"))),
+    ("llama", LoRAConfig(r=4, alpha=16, targets=("query", "key", "value", "attention_output", "ff_in", "ff_out"))),
+    ("t5", LoRAConfig(r=4, alpha=8, targets=("query", "value", "ff_in"))),
+    ("bart", LoRAConfig(r=4, alpha=8, targets=("key", "ff_out"))),
+]
+
+
+@pytest.mark.parametrize("family, config", LORA_TO_PEFT,
+                         ids=["bert", "roberta-leave-out", "gpt2-two-parts", "gpt2-attention", "llama", "t5", "bart"])
+def test_lora_to_peft_matches(family, config, tiny_model, tiny_inputs, tmp_path):
+    base = tiny_model(family)
+    ids = tiny_inputs(family)
+
+    model, peft_model = _write_and_load_in_peft(base, config, tmp_path)
+
+    _assert_close(_outputs(model, ids), _outputs(peft_model, ids), _outputs(base, ids))
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_ia3_to_peft_feedforward_names(tiny_model, tmp_path):
+    model = adapterkit.init(tiny_model("bert"))
+    model.add_adapter("mine", IA3Config(targets=("key", "ff_out")))
+
+    write_peft(model._adapterkit, "mine", tmp_path)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+
+    # "output.dense" alone would also select attention.output.dense.
+    assert written["target_modules"] == ["key", "layer.0.output.dense", "layer.1.output.dense"]
+    assert written["feedforward_modules"] == ["layer.0.output.dense", "layer.1.output.dense"]
+
+
+def test_lora_to_peft_fused_layer_config(tiny_model, tmp_path):
+    model = adapterkit.init(tiny_model("gpt2"))
+    model.add_adapter("mine", LoRAConfig(r=3, alpha=6, targets=("query", "value", "ff_out")))
+
+    write_peft(model._adapterkit, "mine", tmp_path)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+
+    assert written["target_modules"] == ["c_attn", "mlp.c_proj"]
+    assert written["fan_in_fan_out"] is True
+    # Two parts of c_attn: rank 2 * 3 and alpha 2 * 6, so that alpha / r stays 2; mlp.c_proj keeps 3 and 6.
+    assert (written["r"], written["lora_alpha"]) == (6, 12)
+    mlp_layers = [rf"transformer\.h\.{block}\.mlp\.c_proj" for block in (0, 1)]
+    assert written["rank_pattern"] == {name: 3 for name in mlp_layers}
+    assert written["alpha_pattern"] == {name: 6 for name in mlp_layers}
+    assert written["modules_to_save"] == ["score"]
+
+
+IA3_TO_PEFT = [
+    ("bert", IA3Config(targets=("key", "value", "ff_out"))),
+    ("roberta", IA3Config(targets=("query", "attention_output", "ff_in"))),
+    ("gpt2", IA3Config(targets=("query", "ff_in", "ff_out"))),
+    ("llama", IA3Config(targets=("key", "value", "ff_in", "ff_out"), leave_out=(1,))),
+    ("t5", IA3Config(targets=("value", "attention_output", "ff_out"))),
+    ("bart", IA3Config(targets=("key", "value", "ff_out"))),
+]
+
+
+@pytest.mark.parametrize("family, config", IA3_TO_PEFT, ids=[case[0] for case in IA3_TO_PEFT])
+def test_ia3_to_peft_matches(family, config, tiny_model, tiny_inputs, tmp_path):
+    base = tiny_model(family)
+    ids = tiny_inputs(family)
+
+    model, peft_model = _write_and_load_in_peft(base, config, tmp_path, mean=1.0)
+
+    _assert_close(_outputs(model, ids), _outputs(peft_model, ids), _outputs(base, ids))
+
+
+PREFIX_TO_PEFT = [
+    ("gpt2", transformers.AutoModelForCausalLM, True),
+    ("llama", transformers.AutoModelForCausalLM, False),
+    ("bert", transformers.AutoModel, True),
+    ("roberta", transformers.AutoModel, False),
+]
+
+
+@pytest.mark.parametrize("family, model_class, flat", PREFIX_TO_PEFT,
+                         ids=["gpt2-flat", "llama-mlp", "bert-flat", "roberta-mlp"])
+def test_prefix_to_peft_matches_shifted(family, model_class, flat, tiny_model, tiny_inputs, tmp_path):
+    base = _body_model(tiny_model, family, model_class)
+    ids = tiny_inputs(family)
+    config = PrefixTuningConfig(prefix_length=PREFIX_LENGTH, bottleneck_size=16, flat=flat)
+
+    model, peft_model = _write_and_load_in_peft(base, config, tmp_path)
+    positions = _shifted_positions(model, ids, PREFIX_LENGTH)
+
+    _assert_close(_outputs(model, ids, position_ids=positions), _outputs(peft_model, ids), _outputs(base, ids))
+
+
+def test_lora_round_trip_keeps_weights(tiny_model, tmp_path):
+    model = adapterkit.init(tiny_model("bert"))
+    config = LoRAConfig(r=4, alpha=8, targets=("query", "value"), leave_out=(1,))
+    model.add_adapter("mine", config)
+    _randomize_adapter(model, "mine")
+    write_peft(model._adapterkit, "mine", tmp_path)
+
+    checkpoint = read_peft(adapterkit.init(tiny_model("bert"))._adapterkit, tmp_path)
+
+    assert checkpoint.config == config
+    original = model._adapterkit.modules_of("mine").state_dict()
+    assert sorted(checkpoint.weights) == sorted(original)
+    for key, value in original.items():
+        assert torch.equal(checkpoint.weights[key], value), key
+
+
+# -- detection and errors -------------------------------------------------------------------------
+
+def test_is_peft_checkpoint(tiny_model, tmp_path):
+    base = tiny_model("bert")
+    _peft_reference(base, peft.LoraConfig(target_modules=["query"], task_type="SEQ_CLS"), tmp_path / "peft", ("lora_",))
+    model = adapterkit.init(copy.deepcopy(base))
+    model.add_adapter("mine", "lora")
+    model.save_adapter(tmp_path / "adapterkit", "mine")
+
+    assert is_peft_checkpoint(tmp_path / "peft")
+    assert not is_peft_checkpoint(tmp_path / "adapterkit")
+    assert not is_peft_checkpoint(tmp_path / "missing")
+
+
+def _saved_lora(tiny_model, directory, family="bert", **options):
+    base = tiny_model(family)
+    options = {"target_modules": ["query"], "task_type": "SEQ_CLS", **options}
+    _peft_reference(base, peft.LoraConfig(**options), directory, ("lora_",))
+    return base
+
+
+def _edit_config(directory, **changes):
+    path = directory / "adapter_config.json"
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(use_dora=True), "use_dora=True"),
+    (dict(bias="all"), "bias='all'"),
+    (dict(target_modules=["query", "pooler.dense"]), "bert.pooler.dense"),
+    (dict(target_modules=["word_embeddings"]), "lora_embedding_A"),
+    (dict(modules_to_save=["LayerNorm"]), "LayerNorm.weight"),
+], ids=["dora", "bias", "pooler", "embeddings", "body-module-to-save"])
+def test_read_rejects_unmappable_lora(options, message, tiny_model, tmp_path):
+    base = _saved_lora(tiny_model, tmp_path, **options)
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        read_peft(adapterkit.init(base)._adapterkit, tmp_path)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(init_lora_weights="pissa"), "changes the base model's weights"),
+    (dict(new_option=3), "new_option=3"),
+    (dict(peft_type="LOHA"), "peft_type='LOHA'"),
+], ids=["pissa", "unknown-option", "other-method"])
+def test_read_rejects_config_options(changes, message, tiny_model, tmp_path):
+    base = _saved_lora(tiny_model, tmp_path)
+    _edit_config(tmp_path, **changes)
+
+    with pytest.raises(ValueError, match=message):
+        read_peft(adapterkit.init(base)._adapterkit, tmp_path)
+
+
+def test_read_rejects_ia3_on_other_side(tiny_model, tmp_path):
+    base = tiny_model("bert")
+    config = peft.IA3Config(target_modules=["intermediate.dense"], feedforward_modules=["intermediate.dense"],
+                            task_type="SEQ_CLS")
+    _peft_reference(base, config, tmp_path, ("ia3_l",), mean=1.0)
+
+    with pytest.raises(ValueError, match=r"intermediate\.dense \(ff_in, PEFT scales its input\)"):
+        read_peft(adapterkit.init(base)._adapterkit, tmp_path)
+
+
+def test_read_rejects_head_of_other_size(tiny_model, tmp_path):
+    _saved_lora(tiny_model, tmp_path)
+
+    with pytest.raises(ValueError, match="num_labels"):
+        read_peft(adapterkit.init(tiny_model("bert", num_labels=5))._adapterkit, tmp_path)
+
+
+def test_read_rejects_prefix_peft_ignores(tiny_model, tiny_inputs, tmp_path):
+    base = _body_model(tiny_model, "distilbert", transformers.AutoModel)
+    ids = tiny_inputs("distilbert")
+    # PEFT cannot read DistilBERT's sizes from its config ("dim", "n_heads"), so they are given here.
+    config = peft.PrefixTuningConfig(num_virtual_tokens=2, task_type="FEATURE_EXTRACTION", token_dim=32,
+                                     num_attention_heads=4, num_layers=2)
+    peft_model = _peft_reference(base, config, tmp_path, ("prompt_encoder",))
+
+    # DistilBERT's attention never reads the cache that carries PEFT's prefix.
+    assert torch.equal(_outputs(peft_model, ids), _outputs(base, ids))
+    with pytest.raises(ValueError, match="no effect on 'distilbert'"):
+        read_peft(adapterkit.init(base)._adapterkit, tmp_path)
+
+
+def test_read_rejects_encoder_decoder_prefix(tiny_model, tmp_path):
+    base = _body_model(tiny_model, "bart", transformers.AutoModelForSeq2SeqLM)
+    _peft_reference(base, peft.PrefixTuningConfig(num_virtual_tokens=2, task_type="SEQ_2_SEQ_LM"), tmp_path,
+                    ("prompt_encoder",))
+
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        read_peft(adapterkit.init(base)._adapterkit, tmp_path)
+
+
+@pytest.mark.parametrize("family, config, message", [
+    ("bert", ConfigUnion(LoRAConfig(), IA3Config()), "combines 2 methods"),
+    ("bert", BottleneckConfig(), "PEFT has no format"),
+    ("bert", LoRAConfig(use_gating=True), "use_gating=True"),
+    ("gpt2", PrefixTuningConfig(prefix_length=2, leave_out=(0,)), "leave_out"),
+    ("bart", PrefixTuningConfig(prefix_length=2), "encoder-decoder"),
+], ids=["union", "bottleneck", "gating", "prefix-leave-out", "prefix-bart"])
+def test_write_rejects_unsupported(family, config, message, tiny_model, tmp_path):
+    model = adapterkit.init(tiny_model(family))
+    model.add_adapter("mine", config)
+
+    with pytest.raises(ValueError, match=message):
+        write_peft(model._adapterkit, "mine", tmp_path)
+    assert not (tmp_path / "adapter_config.json").exists()
+
+
+# -- through the model verbs ----------------------------------------------------------------------
+
+def test_load_adapter_detects_peft(tiny_model, tiny_inputs, tmp_path):
+    base = tiny_model("llama")
+    ids = tiny_inputs("llama")
+    peft_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")
+    peft_model = _peft_reference(base, peft_config, tmp_path, ("lora_",))
+    model = adapterkit.init(copy.deepcopy(base))
+
+    name = model.load_adapter(tmp_path)
+
+    assert name == "default"
+    assert model.active_adapters == ["default"]
+    assert not [p for p in model._adapterkit.modules_of("default").parameters() if p.requires_grad]
+    _assert_close(_outputs(model, ids), _outputs(peft_model, ids), _outputs(base, ids))
+
+
+def test_save_adapter_in_peft_format(tiny_model, tiny_inputs, tmp_path):
+    base = tiny_model("bert")
+    ids = tiny_inputs("bert")
+    model = adapterkit.init(copy.deepcopy(base))
+    model.add_adapter("mine", IA3Config(targets=("key", "value", "ff_out")), set_active=True)
+    _randomize_adapter(model, "mine", mean=1.0)
+
+    model.save_adapter(tmp_path, "mine", format="peft")
+
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
+    _assert_close(_outputs(model, ids), _outputs(peft_model, ids), _outputs(base, ids))
+    reloaded = adapterkit.init(copy.deepcopy(base))
+    reloaded.load_adapter(tmp_path, load_as="again")
+    _assert_close(_outputs(reloaded, ids), _outputs(model, ids), _outputs(base, ids))
+
+
+def test_save_adapter_unknown_format_raises(tiny_model, tmp_path):
+    model = adapterkit.init(tiny_model("bert"))
+    model.add_adapter("mine", "lora")
+
+    with pytest.raises(ValueError, match="format='onnx'"):
+        model.save_adapter(tmp_path, "mine", format="onnx")
+
+
+def test_load_adapter_unknown_folder_raises(tiny_model, tmp_path):
+    model = adapterkit.init(tiny_model("bert"))
+    (tmp_path / "notes.txt").write_text("not an adapter", encoding="utf-8")
+
+    with pytest.raises(FileNotFoundError, match="holds no adapter checkpoint"):
+        model.load_adapter(tmp_path)
