@@ -209,3 +209,34 @@ def test_merge_refuses_existing_output(tiny_model_dir, tmp_path):
 
     assert result.returncode == 2
     assert "--overwrite" in result.stderr
+
+
+def test_convert_to_peft_and_back(tiny_model_dir, tmp_path):
+    model = saved_lora_adapter(tiny_model_dir, tmp_path / "native", "task", seed=3)
+    model.set_active_adapters("task")
+    input_ids = torch.tensor([[2, 5, 8, 13, 3]])
+    with torch.no_grad():
+        expected = model(input_ids=input_ids).logits
+
+    to_peft = run_cli("convert", tmp_path / "native", tmp_path / "peft", "--to", "peft", "--model", tiny_model_dir)
+    back = run_cli("convert", tmp_path / "peft", tmp_path / "back", "--to", "adapterkit", "--model", tiny_model_dir)
+
+    assert to_peft.returncode == 0, to_peft.stderr
+    assert back.returncode == 0, back.stderr
+    assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
+    import adapterkit
+
+    reloaded = adapterkit.init(BertForSequenceClassification.from_pretrained(tiny_model_dir).eval())
+    reloaded.load_adapter(tmp_path / "back")
+    with torch.no_grad():
+        actual = reloaded(input_ids=input_ids).logits
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+
+
+def test_convert_rejects_unknown_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+
+    result = run_cli("convert", tmp_path / "empty", tmp_path / "out", "--to", "peft")
+
+    assert result.returncode == 2
+    assert "holds no adapter checkpoint" in result.stderr

@@ -89,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--output", required=True, type=Path,
                        help="folder for the merged model (save_pretrained) and its tokenizer")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+
+    convert = commands.add_parser("convert", help="convert an adapter checkpoint between adapterkit and PEFT")
+    convert.add_argument("source", type=Path, help="adapter folder in any supported format (detected from its files)")
+    convert.add_argument("destination", type=Path, help="folder to write")
+    convert.add_argument("--to", required=True, choices=("adapterkit", "peft"), help="format to write")
+    convert.add_argument("--model", default=None, help="model folder or hub id the adapter belongs to (default: the "
+                                                       "one the checkpoint names)")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing destination folder")
     return parser
 
 
@@ -282,17 +290,26 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_base(adapter_dir: Path) -> tuple[str | None, bool]:
+    """Return the base model a checkpoint names and whether it carries a classification head."""
+    from .io import detect_format, read_description
+
+    if detect_format(adapter_dir) == "peft":
+        peft_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+        return peft_config.get("base_model_name_or_path"), bool(peft_config.get("modules_to_save"))
+    description = read_description(adapter_dir)
+    return description.get("base_model", {}).get("name_or_path"), bool(description.get("head", {}).get("modules"))
+
+
 def _merge_model_class(model_source: str | None, adapter_dir: Path) -> Any:
-    """Return the transformers class to load for merging: the classifier when the adapter has a head,
-    else the class the model's config names (a causal or seq2seq LM keeps its LM head)."""
+    """Return the transformers class to load the adapter's model with: the classifier when the adapter
+    has a head, else the class the model's config names (a causal or seq2seq LM keeps its LM head)."""
     import transformers
 
-    from .io import read_description
-
-    description = read_description(adapter_dir)
-    if description.get("head", {}).get("modules"):
+    saved_source, has_head = _checkpoint_base(adapter_dir)
+    if has_head:
         return transformers.AutoModelForSequenceClassification
-    source = model_source or description.get("base_model", {}).get("name_or_path")
+    source = model_source or saved_source
     try:
         architectures = transformers.AutoConfig.from_pretrained(source).architectures or []
     except (OSError, ValueError) as error:
@@ -354,7 +371,38 @@ def _try_tokenizer(model: Any) -> Any:
         return None
 
 
-COMMANDS = {"train": run_train, "evaluate": run_evaluate, "predict": run_predict, "merge": run_merge}
+def run_convert(args: argparse.Namespace) -> int:
+    """Load a checkpoint in any format into its model and write it in the requested one."""
+    import transformers
+
+    import adapterkit
+    from .io import detect_format
+
+    if not args.source.is_dir():
+        raise UsageError(f"{args.source}: no such folder")
+    try:
+        source_format = detect_format(args.source)
+    except FileNotFoundError as error:
+        raise UsageError(str(error)) from error
+    if args.destination.exists() and any(args.destination.iterdir()) and not args.overwrite:
+        raise UsageError(f"{args.destination} already exists and is not empty; pass --overwrite to replace its files")
+    model_source = args.model or _checkpoint_base(args.source)[0]
+    if model_source is None:
+        raise UsageError(f"{args.source} does not name its base model; pass --model")
+    model_class = _merge_model_class(model_source, args.source)
+    transformers.logging.set_verbosity_error()
+    try:
+        model = adapterkit.init(model_class.from_pretrained(model_source))
+    except (OSError, ValueError) as error:
+        raise UsageError(f"Could not load model {model_source!r}: {error}") from error
+    name = model.load_adapter(args.source)
+    model.save_adapter(args.destination, name, format=args.to)
+    print(f"Converted {args.source} ({source_format}) to {args.destination} ({args.to})")
+    return 0
+
+
+COMMANDS = {"train": run_train, "evaluate": run_evaluate, "predict": run_predict, "merge": run_merge,
+            "convert": run_convert}
 
 
 def main(argv: list[str] | None = None) -> int:
