@@ -27,8 +27,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import transformers
 from torch import nn
 from transformers import PreTrainedModel
+
+# Some families name their module inputs differently in transformers 4.57 than in 5.
+TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 
 @dataclass(frozen=True)
@@ -174,7 +178,9 @@ def _distilbert(config: Any) -> ArchitectureSpec:
         layers="transformer.layer",
         # The residual is read from the attention module's input. Transformers 5 checkpoints the block's
         # forward, so a hook on the block itself would not run again when the backward pass recomputes it.
-        attention=SublayerSpec(output="attention.out_lin", residual=InputRef("attention", 0, "hidden_states"),
+        # transformers 4.57 passes that input by keyword as ``query``, version 5 as ``hidden_states``.
+        attention=SublayerSpec(output="attention.out_lin",
+                               residual=InputRef("attention", 0, "hidden_states" if TRANSFORMERS_MAJOR >= 5 else "query"),
                                layer_norm="sa_layer_norm"),
         feed_forward=SublayerSpec(output="ffn.dropout", residual=InputRef("ffn", 0, "input"),
                                   layer_norm="output_layer_norm"),

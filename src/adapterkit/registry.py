@@ -135,10 +135,10 @@ class AdapterRegistry:
     def delete(self, name: str) -> None:
         """Remove adapter ``name`` with its modules, head and any hooks no other adapter needs."""
         self.check_names([name])
-        if name in self.merged:
-            unmerge(self, name)
         if name in self.active:
             self.set_active([n for n in self.active if n != name])
+        if name in self.merged:
+            unmerge(self, name)
         del self.store[store_key(name)]
         del self.entries[name]
         if not self.entries:
