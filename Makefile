@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUN := runs/bbc-news-houlsby
 
-.PHONY: demo test test-fast setup clean
+.PHONY: demo test test-fast setup clean check-adapters check-transformers-457
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,18 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Rebuild the adapters 1.3.0 environment (it pins transformers 4.57) and its fixture checkpoints, then
+# check adapterkit against them and against adapters itself, live.
+ADAPTERS_VENV ?= /work/venv-adapters
+check-adapters: setup
+	ADAPTERS_VENV=$(ADAPTERS_VENV) bash scripts/adapters_fixtures/setup_env.sh
+	$(ADAPTERS_VENV)/bin/python scripts/adapters_fixtures/make_fixtures.py
+	ADAPTERS_VENV=$(ADAPTERS_VENV) $(BIN)/python -m pytest -q tests/test_adapters_format.py
+
+# Run the fast tests under transformers 4.57.6 in a separate environment.
+check-transformers-457:
+	bash scripts/check_transformers_457.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
