@@ -123,17 +123,23 @@ class AdapterModelMixin:
         """Merge LoRA or (IA)^3 adapter ``name`` into the base weights, so it costs nothing at inference.
 
         The merged adapter acts whether or not it is active, before every unmerged adapter, until
-        ``unmerge_adapter``. Merging a merged adapter changes nothing.
+        ``unmerge_adapter``. Merging a merged adapter changes nothing. An (IA)^3 vector on ``ff_out``
+        scales that projection's input, so it also scales every LoRA there, in any order.
 
         Raises:
             ValueError: If the adapter has methods that cannot be merged (bottleneck adapters,
-                prefixes, gated LoRA), or an active adapter before it at a shared projection does
-                not commute with it.
+                prefixes, gated LoRA), an (IA)^3 vector has a zero entry, or an active adapter at a
+                shared projection does not commute with it.
         """
         merge.merge(self._adapterkit, name)
 
     def unmerge_adapter(self, name: str) -> None:
-        """Take merged adapter ``name`` out of the base weights again; it then runs through hooks when active."""
+        """Take merged adapter ``name`` out of the base weights again; it then runs through hooks when active.
+
+        Raises:
+            ValueError: If an active adapter merged later does not commute with it, so taking it out
+                alone would change the output; unmerge that adapter first.
+        """
         merge.unmerge(self._adapterkit, name)
 
     @property
