@@ -239,4 +239,4 @@ def test_convert_rejects_unknown_folder(tmp_path):
     result = run_cli("convert", tmp_path / "empty", tmp_path / "out", "--to", "peft")
 
     assert result.returncode == 2
-    assert "holds no adapter checkpoint" in result.stderr
+    assert "contains no adapter checkpoint" in result.stderr

@@ -600,5 +600,5 @@ def test_load_adapter_unknown_folder_raises(tiny_model, tmp_path):
     model = adapterkit.init(tiny_model("bert"))
     (tmp_path / "notes.txt").write_text("not an adapter", encoding="utf-8")
 
-    with pytest.raises(FileNotFoundError, match="holds no adapter checkpoint"):
+    with pytest.raises(FileNotFoundError, match="contains no adapter checkpoint"):
         model.load_adapter(tmp_path)

@@ -12,8 +12,9 @@ description names and, at every forward, asks the registry which adapter modules
   invertible adapters and the adapter before the head.
 
 Nothing per forward is kept in module globals. What a hook captures during a forward (the residual
-stream, the attention mask) is stored thread-locally on the site and captured again when gradient
-checkpointing recomputes a block, so recomputation sees the same values.
+stream, the attention mask) is stored thread-locally on the site. The hooks sit on modules inside
+the block, so gradient checkpointing runs them again when it recomputes the block, and the
+recomputation reads the same values.
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ class SublayerSite(Site):
         self.layer_norm = get_submodule(block, spec.layer_norm, family=family) if spec.layer_norm else None
         self.residual_input = spec.residual
         # transformers 5 checkpoints a block by calling its forward directly, so hooks on the block
-        # itself do not run again during recomputation; hooks on modules inside it do.
+        # itself do not run again during recomputation. Hooks on modules inside the block do.
         mask_source = block if mask_source is None else mask_source
         # GPT-2, T5 and BART pass the attention mask and cache by position.
         self._block_arguments = positional_names(mask_source)

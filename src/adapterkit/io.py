@@ -139,10 +139,10 @@ FORMATS = ("adapterkit", "peft")
 
 
 def detect_format(directory: str | os.PathLike) -> str:
-    """Return which checkpoint format the folder holds: ``"adapterkit"`` or ``"peft"``.
+    """Return the checkpoint format of the folder: ``"adapterkit"`` or ``"peft"``.
 
     Raises:
-        FileNotFoundError: If the folder is missing or holds none of the formats, naming their files.
+        FileNotFoundError: If the folder is missing or contains none of the formats, naming their files.
     """
     from .formats.peft import is_peft_checkpoint
 
@@ -153,7 +153,7 @@ def detect_format(directory: str | os.PathLike) -> str:
         return "adapterkit"
     if is_peft_checkpoint(directory):
         return "peft"
-    raise FileNotFoundError(f"{directory} holds no adapter checkpoint: expected {CONFIG_FILE} (adapterkit) or "
+    raise FileNotFoundError(f"{directory} contains no adapter checkpoint: expected {CONFIG_FILE} (adapterkit) or "
                             "adapter_config.json with a peft_type (PEFT)")
 
 
@@ -173,7 +173,7 @@ def save_adapter_as(registry: AdapterRegistry, directory: str | os.PathLike, nam
 def load_adapter(registry: AdapterRegistry, directory: str | os.PathLike, load_as: str | None = None) -> str:
     """Add the adapter saved in ``directory`` to the model, frozen, and return its name.
 
-    The folder may hold any format of ``FORMATS``; ``detect_format`` tells which.
+    The folder may contain any format of ``FORMATS``, which ``detect_format`` identifies.
 
     Raises:
         FileNotFoundError: If the folder or one of its files is missing.

@@ -1,6 +1,6 @@
 """Build the modules of each method for one model, and list where each module runs.
 
-A method's modules form one ``nn.ModuleDict`` tree whose keys say where they sit, so a saved
+A method's modules form one ``nn.ModuleDict`` tree whose keys name where they sit, so a saved
 adapter's weight names are readable (``layers.3.feed_forward.down_proj.weight``,
 ``layers.0.query.0.lora_A``, ``prefix.decoder.mlp.0.weight``). ``placements`` walks a tree and
 returns, for each module, the key of the site that runs it.
