@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUN := runs/bbc-news-houlsby
 
-.PHONY: demo test test-fast setup clean check-adapters check-transformers-457
+.PHONY: demo test test-fast setup clean check-adapters check-transformers-457 bench
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,15 @@ check-adapters: setup
 # Run the fast tests under transformers 4.57.6 in a separate environment.
 check-transformers-457:
 	bash scripts/check_transformers_457.sh
+
+# Benchmark adapterkit against adapters 1.3.0 and PEFT in their own venv (transformers 4.57.6).
+# Hours on a few CPU cores; BENCH_ARGS goes to bench/run.py, e.g. BENCH_ARGS="--smoke --methods lora".
+BENCH_VENV ?= /work/venv-bench
+BENCH_ARGS ?=
+bench:
+	BENCH_VENV=$(BENCH_VENV) bash bench/setup_env.sh
+	$(BENCH_VENV)/bin/python bench/run.py $(BENCH_ARGS)
+	$(BENCH_VENV)/bin/python bench/report.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

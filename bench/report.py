@@ -1,0 +1,567 @@
+"""Turn a results file of ``bench/run.py`` into ``bench/RESULTS.md`` and a plot of the ratios.
+
+    python bench/report.py                              # the newest file in bench/results/
+    python bench/report.py bench/results/20261205T001500Z.json --output /tmp/RESULTS.md
+
+Statistics: each configuration's value is the median of its timed steps; with reruns, the median of
+the runs' medians. Its spread is the interquartile range of all its timed steps and, with reruns,
+the range of the runs' medians. A configuration's noise interval runs from the lower of its first
+quartile and lowest rerun median to the higher of its third quartile and highest rerun median. Two
+configurations differ "within noise" when their noise intervals overlap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+
+BASELINE = "baseline"
+FROZEN = "frozen"
+FULL_FINETUNE = "full_finetune"
+ROUTING = "routing"
+PEERS = ("adapters", "peft")
+
+# Explanations, per (method, peer), of trainable parameter counts that differ from adapterkit's under the
+# same hyper-parameters. Checked against adapters 1.3.0 and PEFT 0.21.2 source and parameter counts.
+KNOWN_DIFFERENCES = {
+    ("ia3", "adapters"): "adapters 1.3.0 puts the feed-forward (IA)^3 vector on the output of the module it "
+                         "calls `intermediate`: BERT's intermediate.dense (FFN width, before the activation), "
+                         "but Llama's mlp.down_proj (hidden width). adapterkit and PEFT scale the input of the "
+                         "down projection (FFN width, after the activation), so on Llama adapters trains fewer "
+                         "parameters.",
+    ("prefix_tuning", "peft"): "Under grouped-query attention PEFT 0.21.2 sets the prefix embedding width and the "
+                               "MLP input to the key/value width (head size x KV heads); adapterkit and adapters "
+                               "use the hidden size, so PEFT's prefix MLP is smaller on Llama.",
+}
+
+# Facts that explain checkpoint sizes which differ for the same trained parameters.
+CHECKPOINT_NOTES = [
+    "PEFT's prefix-tuning checkpoint holds the prefixes the MLP computes (prefix length x layers x 2 x key/value "
+    "width), not the MLP, so it is smaller than its trainable parameters; adapterkit and adapters save the MLP.",
+    "adapters 1.3.0 `save_adapter` also writes the model's head by default. For the causal LM that is the "
+    "output embedding matrix (vocabulary x hidden, tied to the frozen input embeddings), which dominates its "
+    "checkpoint; the size with `with_head=False` is shown in brackets.",
+    "All three save the classification head with the adapter. adapters 1.3.0 writes PyTorch pickle files "
+    "(pytorch_adapter.bin, pytorch_model_head.bin) and two JSON configs, PEFT writes safetensors, a JSON config "
+    "and a README.md, adapterkit writes safetensors and one JSON config. These extra files dominate tiny adapters.",
+]
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The timing of one configuration over its steps and reruns, in seconds."""
+
+    median: float
+    q1: float
+    q3: float
+    minimum: float
+    maximum: float
+    steps: int
+    rerun_medians: tuple[float, ...]
+
+    @property
+    def noise_low(self) -> float:
+        return min([self.q1, *self.rerun_medians])
+
+    @property
+    def noise_high(self) -> float:
+        return max([self.q3, *self.rerun_medians])
+
+
+def summarize(runs: list[list[float]]) -> Summary | None:
+    """Summarize the step times of one configuration, one list per rerun; ``None`` if there are none."""
+    runs = [run for run in runs if run]
+    if not runs:
+        return None
+    pooled = sorted(value for run in runs for value in run)
+    if len(pooled) >= 2:
+        q1, _, q3 = statistics.quantiles(pooled, n=4, method="inclusive")
+    else:
+        q1 = q3 = pooled[0]
+    medians = tuple(statistics.median(run) for run in runs)
+    return Summary(median=statistics.median(medians), q1=q1, q3=q3, minimum=pooled[0], maximum=pooled[-1],
+                   steps=len(pooled), rerun_medians=medians if len(runs) > 1 else ())
+
+
+def within_noise(first: Summary, second: Summary) -> bool:
+    """Return whether the noise intervals of two summaries overlap."""
+    return first.noise_low <= second.noise_high and second.noise_low <= first.noise_high
+
+
+def ratio_text(numerator: Summary | None, denominator: Summary | None) -> str:
+    """Format ``numerator / denominator`` of the medians, marked "within noise" when the intervals overlap."""
+    if numerator is None or denominator is None or denominator.median == 0:
+        return "n/a"
+    text = f"{numerator.median / denominator.median:.2f}"
+    return f"{text} (within noise)" if within_noise(numerator, denominator) else text
+
+
+# -- grouping the raw runs ----------------------------------------------------------------------------
+
+
+class Configuration:
+    """All reruns of one (model, library, method)."""
+
+    def __init__(self, model: str, library: str, method: str):
+        self.model, self.library, self.method = model, library, method
+        self.runs: list[dict] = []
+
+    def timing(self, key: str) -> Summary | None:
+        return summarize([run.get(key) or [] for run in self.runs])
+
+    def first(self, key: str, default=None):
+        for run in self.runs:
+            if run.get(key) is not None:
+                return run[key]
+        return default
+
+    def peak_memory(self) -> tuple[float | None, float | None, float | None]:
+        """Return the highest peak RSS, its increase over the RSS after setup, and the GPU peak, in MiB."""
+        peaks, increases, gpu = [], [], []
+        for run in self.runs:
+            memory = run.get("memory_mib") or {}
+            stage = memory.get("after_train") or memory.get("after_inference")
+            if not stage:
+                continue
+            peaks.append(stage["peak_rss"])
+            if "after_setup" in memory:
+                increases.append(stage["peak_rss"] - memory["after_setup"]["rss"])
+            if stage.get("gpu_peak_allocated") is not None:
+                gpu.append(stage["gpu_peak_allocated"])
+        return (max(peaks) if peaks else None, max(increases) if increases else None, max(gpu) if gpu else None)
+
+    def errors(self) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for run in self.runs:
+            for phase, message in (run.get("errors") or {}).items():
+                found.setdefault(phase, message)
+        return found
+
+
+def _display_order(document: dict, key: tuple[str, str, str]) -> tuple:
+    """Sort key: models in run order; per model the floor, the methods, full fine-tuning, then routing."""
+    model, library, method = key
+    models = list(dict.fromkeys(run["model"] for run in document["runs"]))
+    methods = list(document.get("hyper_parameters", {}))
+    libraries = ["adapterkit", *PEERS]
+    if library == BASELINE:
+        position = (0,) if method == FROZEN else (2,)
+    elif method == ROUTING:
+        position = (3,)
+    else:
+        position = (1, methods.index(method) if method in methods else len(methods),
+                    libraries.index(library) if library in libraries else len(libraries))
+    return (models.index(model), position)
+
+
+def group_runs(document: dict) -> dict[tuple[str, str, str], Configuration]:
+    """Group the runs by (model, library, method), in display order (see ``_display_order``)."""
+    groups: dict[tuple[str, str, str], Configuration] = {}
+    for run in document["runs"]:
+        key = (run["model"], run["library"], run["method"])
+        groups.setdefault(key, Configuration(*key)).runs.append(run)
+    return {key: groups[key] for key in sorted(groups, key=lambda key: _display_order(document, key))}
+
+
+# -- formatting ---------------------------------------------------------------------------------------
+
+
+def _milliseconds(summary: Summary | None) -> str:
+    if summary is None:
+        return "-"
+    text = f"{summary.median * 1e3:.1f} [{summary.q1 * 1e3:.1f}-{summary.q3 * 1e3:.1f}]"
+    if summary.rerun_medians:
+        text += f" {{{min(summary.rerun_medians) * 1e3:.1f}-{max(summary.rerun_medians) * 1e3:.1f}}}"
+    return text
+
+
+def _mebibytes(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _kibibytes(checkpoint: dict | None, others: dict | None = None) -> str:
+    if not checkpoint:
+        return "-"
+    text = f"{checkpoint['bytes'] / 1024:,.1f}"
+    for name, other in (others or {}).items():
+        text += f" ({other['bytes'] / 1024:,.1f} {name.replace('_', ' ')})"
+    return text
+
+
+def _status(configuration: Configuration) -> str:
+    errors = configuration.errors()
+    if not errors:
+        return "ok"
+    return "; ".join(f"{phase} failed" for phase in errors)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return lines
+
+
+def _label(library: str, method: str) -> tuple[str, str]:
+    if library == BASELINE:
+        return {FROZEN: "floor (frozen) / bare inference", FULL_FINETUNE: "full fine-tuning"}.get(method, method), "-"
+    if method == ROUTING:
+        return "routing: 8 LoRA adapters loaded, 1 active", library
+    return method, library
+
+
+def measurement_table(groups: dict, model: str, gpu: bool) -> list[str]:
+    header = ["method", "library", "train step ms", "inference ms", "merged inference ms", "peak RSS MiB",
+              "RSS increase MiB", "trainable (head)", "checkpoint KiB", "status"]
+    if gpu:
+        header.insert(7, "GPU peak MiB")
+    rows = []
+    for (group_model, library, method), configuration in groups.items():
+        if group_model != model:
+            continue
+        peak, increase, gpu_peak = configuration.peak_memory()
+        method_text, library_text = _label(library, method)
+        trainable = configuration.first("trainable_parameters")
+        head = configuration.first("trainable_head_parameters")
+        row = [method_text, library_text, _milliseconds(configuration.timing("train_step_s")),
+               _milliseconds(configuration.timing("inference_s")),
+               _milliseconds(configuration.timing("merged_inference_s")), _mebibytes(peak), _mebibytes(increase),
+               "-" if trainable is None else f"{trainable:,} ({_count(head)})",
+               _kibibytes(configuration.first("checkpoint"), configuration.first("other_checkpoints")),
+               _status(configuration)]
+        if gpu:
+            row.insert(7, _mebibytes(gpu_peak))
+        rows.append(row)
+    return _table(header, rows)
+
+
+def attention_lines(groups: dict, model: str) -> list[str]:
+    """Return a line naming the attention implementation of each configuration that differs from the most common."""
+    found = {key: configuration.first("attention_implementation") for key, configuration in groups.items()
+             if key[0] == model and configuration.first("attention_implementation")}
+    if not found:
+        return []
+    values = list(found.values())
+    common = max(set(values), key=values.count)
+    others = [f"{library} {method} ({value})" for (_, library, method), value in found.items() if value != common]
+    return [f"Attention implementation: {common}" + (f", except {', '.join(others)}" if others else "") + ".", ""]
+
+
+def peer_ratio_rows(groups: dict, model: str) -> list[list[str]]:
+    """Return rows of adapterkit / peer for each method both have."""
+    rows = []
+    for (group_model, library, method), mine in groups.items():
+        if group_model != model or library != "adapterkit" or method == ROUTING:
+            continue
+        for peer in PEERS:
+            theirs = groups.get((model, peer, method))
+            if theirs is None:
+                continue
+            my_peak, _, _ = mine.peak_memory()
+            their_peak, _, _ = theirs.peak_memory()
+            my_size = (mine.first("checkpoint") or {}).get("bytes")
+            their_size = (theirs.first("checkpoint") or {}).get("bytes")
+            rows.append([method, peer,
+                         ratio_text(mine.timing("train_step_s"), theirs.timing("train_step_s")),
+                         ratio_text(mine.timing("inference_s"), theirs.timing("inference_s")),
+                         ratio_text(mine.timing("merged_inference_s"), theirs.timing("merged_inference_s")),
+                         f"{my_peak / their_peak:.2f}" if my_peak and their_peak else "n/a",
+                         f"{my_size / their_size:.2f}" if my_size and their_size else "n/a"])
+    return rows
+
+
+def floor_ratio_rows(groups: dict, model: str) -> list[list[str]]:
+    """Return rows of each method against the frozen floor, full fine-tuning and bare inference."""
+    floor = groups.get((model, BASELINE, FROZEN))
+    full = groups.get((model, BASELINE, FULL_FINETUNE))
+    floor_train = floor.timing("train_step_s") if floor else None
+    bare = floor.timing("inference_s") if floor else None
+    full_train = full.timing("train_step_s") if full else None
+    rows = []
+    for (group_model, library, method), configuration in groups.items():
+        if group_model != model or library == BASELINE:
+            continue
+        train = configuration.timing("train_step_s")
+        method_text, _ = _label(library, method)
+        rows.append([method_text, library, ratio_text(train, floor_train), ratio_text(train, full_train),
+                     ratio_text(configuration.timing("inference_s"), bare),
+                     ratio_text(configuration.timing("merged_inference_s"), bare)])
+    if full_train is not None:
+        rows.append(["full fine-tuning", "-", ratio_text(full_train, floor_train), "1.00", "-", "-"])
+    return rows
+
+
+def parameter_check_rows(groups: dict, model: str) -> list[list[str]]:
+    """Compare the trainable adapter parameters (head excluded) of each library per method."""
+    rows = []
+    methods = []
+    for group_model, library, method in groups:
+        if group_model == model and library != BASELINE and method != ROUTING and method not in methods:
+            methods.append(method)
+    for method in methods:
+        counts = {library: groups[(model, library, method)].first("trainable_adapter_parameters")
+                  for library in ("adapterkit", *PEERS) if (model, library, method) in groups}
+        known = [count for count in counts.values() if count is not None]
+        reference = counts.get("adapterkit")
+        if len(known) < 2:
+            verdict = "only one library measured"
+        elif len(set(known)) == 1:
+            verdict = "equal"
+        else:
+            reasons = [KNOWN_DIFFERENCES.get((method, library), f"{library}: no explanation recorded")
+                       for library, count in counts.items()
+                       if count is not None and library != "adapterkit" and count != reference]
+            verdict = "differs: " + " ".join(reasons)
+        rows.append([method] + [_count(counts.get(library)) if library in counts else "lacks the method"
+                                for library in ("adapterkit", *PEERS)] + [verdict])
+    return rows
+
+
+def error_rows(groups: dict) -> list[list[str]]:
+    rows = []
+    for (model, library, method), configuration in groups.items():
+        for phase, message in configuration.errors().items():
+            rows.append([model, library, method, phase, message.splitlines()[0][:300]])
+    return rows
+
+
+def plot_ratios(groups: dict, models: list[str], path: Path) -> bool:
+    """Draw adapterkit / peer and method / floor training-time ratios per model into ``path`` (PNG).
+
+    Returns:
+        Whether a plot was written; ``False`` when there is no ratio to draw.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for model in models:
+        peer_bars = []
+        for (group_model, library, method), mine in groups.items():
+            if group_model != model or library != "adapterkit" or method == ROUTING:
+                continue
+            for peer in PEERS:
+                theirs = groups.get((model, peer, method))
+                if theirs and mine.timing("train_step_s") and theirs.timing("train_step_s"):
+                    a, b = mine.timing("train_step_s"), theirs.timing("train_step_s")
+                    peer_bars.append((f"{method} / {peer}", a.median / b.median, within_noise(a, b)))
+        floor = groups.get((model, BASELINE, FROZEN))
+        floor_train = floor.timing("train_step_s") if floor else None
+        floor_bars = []
+        if floor_train is not None:
+            for (group_model, library, method), configuration in groups.items():
+                train = configuration.timing("train_step_s")
+                if group_model == model and train is not None and method != FROZEN:
+                    name = "full fine-tuning" if method == FULL_FINETUNE else f"{method} ({library})"
+                    floor_bars.append((name, train.median / floor_train.median, within_noise(train, floor_train)))
+        panels.append((model, peer_bars, floor_bars))
+    if not any(peer or floor for _, peer, floor in panels):
+        return False
+
+    height = max(3.0, 0.28 * max(max(len(peer), len(floor)) for _, peer, floor in panels) + 1.5)
+    figure, axes = plt.subplots(len(panels), 2, figsize=(13, height * len(panels)), squeeze=False)
+    for row, (model, peer_bars, floor_bars) in enumerate(panels):
+        for column, (bars, title) in enumerate(((peer_bars, "training step: adapterkit / peer"),
+                                                (floor_bars, "training step: method / frozen floor"))):
+            axis = axes[row][column]
+            if bars:
+                names = [name for name, _, _ in bars]
+                values = [value for _, value, _ in bars]
+                colours = ["#bbbbbb" if noisy else "#1f77b4" for _, _, noisy in bars]
+                axis.barh(range(len(bars)), values, color=colours)
+                axis.set_yticks(range(len(bars)), names, fontsize=8)
+                axis.invert_yaxis()
+            axis.axvline(1.0, color="black", linewidth=0.8)
+            axis.set_title(f"{model}: {title} (grey: within noise)", fontsize=9)
+            axis.set_xlabel("ratio of median step times")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+# Settings that must be equal in results files reported together.
+MATCHING_SETTINGS = ("smoke", "device", "threads", "warmup", "steps", "inference_steps", "seed", "count_only")
+
+
+def _part(document: dict, source: str) -> dict:
+    machine = document["machine"]
+    return {"source": source, "created": document["created"], "command": document["command"],
+            "elapsed_s": document.get("elapsed_s", 0.0), "load_start": machine.get("load_average_1_5_15"),
+            "load_end": machine.get("load_average_1_5_15_at_end")}
+
+
+def merge_documents(documents: list[dict], sources: list[str]) -> dict:
+    """Combine results files of the same settings, versions and CPU into one document.
+
+    Runs of the same configuration in different files count as reruns.
+
+    Raises:
+        ValueError: If a file differs from the first in a setting of ``MATCHING_SETTINGS``, a
+            package version or the CPU model, naming the file and what differs.
+    """
+    first = documents[0]
+    for source, other in zip(sources[1:], documents[1:]):
+        differing = [key for key in MATCHING_SETTINGS if other["settings"].get(key) != first["settings"].get(key)]
+        if other["versions"] != first["versions"]:
+            differing.append("versions")
+        if other["machine"]["cpu_model"] != first["machine"]["cpu_model"]:
+            differing.append("cpu_model")
+        if differing:
+            raise ValueError(f"{source} differs from {sources[0]} in {', '.join(differing)}; report it separately")
+    merged = dict(first)
+    merged["parts"] = [_part(document, source) for document, source in zip(documents, sources)]
+    merged["runs"] = [run for document in documents for run in document["runs"]]
+    merged["workloads"] = {name: workload for document in documents for name, workload in document["workloads"].items()}
+    merged["elapsed_s"] = sum(part["elapsed_s"] for part in merged["parts"])
+    return merged
+
+
+def _load_text(values: list[float] | None) -> str:
+    return "-" if not values else ", ".join(f"{value:.2f}" for value in values)
+
+
+def _settings_lines(document: dict) -> list[str]:
+    settings = document["settings"]
+    machine = document["machine"]
+    versions = document["versions"]
+    lines = []
+    for part in document.get("parts") or [_part(document, "results file")]:
+        lines += [f"- Run: `{part['command']}`, started {part['created']}, {part['elapsed_s']:.0f} s; load average "
+                  f"(1, 5, 15 min) at start {_load_text(part['load_start'])}, at end {_load_text(part['load_end'])}"]
+    lines += [
+        f"- Machine: {machine['cpu_model']}, {machine['logical_cores']} logical cores "
+        f"({machine['cores_available']} available to the run), {settings['threads']} torch thread(s) per process, "
+        f"device {settings['device']}" + (f" ({machine['gpu']})" if machine.get("gpu") else ""),
+        "- Versions: " + ", ".join(f"{name} {value}" for name, value in versions.items()
+                                  if name not in ("adapterkit_commit", "adapterkit_src_modified")),
+        f"- adapterkit commit: {versions.get('adapterkit_commit')}"
+        + (" with uncommitted changes under src/" if versions.get("adapterkit_src_modified") else ""),
+        f"- Steps: {settings['warmup']} warm-up, then {settings['steps']} timed training steps and "
+        f"{settings['inference_steps']} timed forward passes per inference loop; seed {settings['seed']}",
+        f"- Memory: {document['memory_method']}",
+    ]
+    return lines
+
+
+def render(document: dict, plot_name: str | None) -> str:
+    """Return the Markdown text of the report for a results document."""
+    groups = group_runs(document)
+    models = list(dict.fromkeys(model for model, _, _ in groups))
+    gpu = document["settings"]["device"].startswith("cuda")
+    lines = ["# adapterkit benchmark results", ""]
+    if document.get("smoke"):
+        lines += ["> **SMOKE RUN.** Tiny models (hidden 64, 2 layers; MiniLM at its real size), batch 2, length 16, "
+                  "few steps, on a shared machine. These numbers only show that the pipeline works; they say "
+                  "nothing about speed or memory.", ""]
+    if document["settings"].get("count_only"):
+        lines += ["> **COUNT-ONLY RUN.** Parameters and checkpoint sizes, no timing.", ""]
+    lines += _settings_lines(document) + [""]
+    lines += ["Each configuration (library, method, model) ran in its own process. Times are the median in ms, "
+              "[first-third quartile] over the timed steps, and {lowest-highest median} over reruns when there "
+              "were reruns. A ratio is marked \"within noise\" when the two noise intervals overlap (see "
+              "bench/report.py). Peak RSS includes Python, torch and the library's imports; \"RSS increase\" is the "
+              "peak minus the resident memory after the adapter was added. \"trainable (head)\" counts trainable "
+              "parameters, of which the classification head is in brackets.", ""]
+
+    lines += ["## Workloads and hyper-parameters", ""]
+    for name, workload in document["workloads"].items():
+        lines.append(f"- `{name}`: {workload['description']}; batch {workload['batch_size']}, "
+                     f"length {workload['sequence_length']}, task {workload['task']}")
+    for method, values in document["hyper_parameters"].items():
+        lines.append(f"- {method}: " + ", ".join(f"{key} {value}" for key, value in values.items()))
+    lacking = [f"{library} lacks {', '.join(m for m in document['hyper_parameters'] if m not in methods)}"
+               for library, methods in document["library_methods"].items()
+               if any(m not in methods for m in document["hyper_parameters"])]
+    if lacking:
+        lines.append("- Not measured: " + "; ".join(lacking))
+    lines.append("")
+
+    for model in models:
+        lines += [f"## {model}", "", "### Measurements", ""]
+        lines += measurement_table(groups, model, gpu) + [""]
+        lines += attention_lines(groups, model)
+        peer_rows = peer_ratio_rows(groups, model)
+        if peer_rows:
+            lines += ["### adapterkit / peer", ""]
+            lines += _table(["method", "peer", "train step", "inference", "merged inference", "peak RSS",
+                             "checkpoint size"], peer_rows) + [""]
+        floor_rows = floor_ratio_rows(groups, model)
+        if floor_rows:
+            lines += ["### Against the floor, full fine-tuning and bare inference", ""]
+            lines += _table(["method", "library", "train / floor", "train / full fine-tuning",
+                             "inference / bare", "merged inference / bare"], floor_rows) + [""]
+        lines += ["### Trainable adapter parameters (head excluded)", ""]
+        lines += _table(["method", "adapterkit", "adapters", "peft", "check"], parameter_check_rows(groups, model))
+        lines.append("")
+        routing = groups.get((model, "adapterkit", ROUTING))
+        if routing is not None:
+            status = (routing.first("routing") or {}).get("status", "not measured")
+            lines += [f"Per-sample routing over 8 adapters: **{status}**. One adapter for the whole batch, with 8 "
+                      f"loaded: {_milliseconds(routing.timing('inference_s'))} ms per forward.", ""]
+
+    lines += ["## Checkpoint sizes", ""] + [f"- {note}" for note in CHECKPOINT_NOTES] + [""]
+    errors = error_rows(groups)
+    if errors:
+        lines += ["## Errors", "", "Failures are recorded, not raised; the traceback of each is in the results file.",
+                  ""]
+        lines += _table(["model", "library", "method", "phase", "error"], errors) + [""]
+    if plot_name:
+        lines += ["## Ratios", "", f"![training-step ratios]({plot_name})", ""]
+    return "\n".join(lines)
+
+
+def newest_results() -> Path:
+    """Return the newest results file in bench/results/ (by name, which starts with the UTC time)."""
+    files = sorted(RESULTS_DIR.glob("*.json"))
+    if not files:
+        sys.exit(f"No results file in {RESULTS_DIR}; run bench/run.py first or pass a file")
+    return files[-1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Write RESULTS.md and a ratio plot from a bench/run.py results file.")
+    parser.add_argument("results", type=Path, nargs="*",
+                        help="results JSON files of the same settings, reported together (default: the newest in "
+                             "bench/results/)")
+    parser.add_argument("--output", type=Path, default=BENCH_DIR / "RESULTS.md", help="Markdown file to write")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="PNG file for the ratio plot (default: ratios.png beside --output)")
+    arguments = parser.parse_args(argv)
+
+    paths = arguments.results or [newest_results()]
+    try:
+        document = merge_documents([json.loads(path.read_text()) for path in paths], [str(path) for path in paths])
+    except ValueError as error:
+        sys.exit(str(error))
+    plot_path = arguments.plot or arguments.output.with_name("ratios.png")
+    groups = group_runs(document)
+    models = list(dict.fromkeys(model for model, _, _ in groups))
+    plotted = plot_ratios(groups, models, plot_path)
+    plot_name = None
+    if plotted:
+        try:
+            plot_name = str(plot_path.resolve().relative_to(arguments.output.resolve().parent))
+        except ValueError:
+            plot_name = str(plot_path.resolve())
+    text = render(document, plot_name)
+    text += "\nSource: " + ", ".join(f"`{path}`" for path in paths) + "\n"
+    arguments.output.write_text(text)
+    print(f"Wrote {arguments.output}" + (f" and {plot_path}" if plotted else " (no timing, so no plot)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

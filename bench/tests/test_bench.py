@@ -1,0 +1,176 @@
+"""Tests of the benchmark's statistics, report and run order; they time nothing and import no adapter library.
+
+Run with any venv that has torch and matplotlib: ``python -m pytest bench/tests -q``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import report  # noqa: E402
+import run  # noqa: E402
+
+
+def test_summarize_single_run_quartiles():
+    summary = report.summarize([[5.0, 1.0, 3.0, 2.0, 4.0]])
+
+    assert summary.median == 3.0
+    assert summary.q1 == 2.0
+    assert summary.q3 == 4.0
+    assert (summary.minimum, summary.maximum) == (1.0, 5.0)
+    assert summary.rerun_medians == ()
+    assert (summary.noise_low, summary.noise_high) == (2.0, 4.0)
+
+
+def test_summarize_reruns_use_median_of_medians():
+    summary = report.summarize([[1.0, 2.0, 3.0], [10.0, 11.0, 12.0]])
+
+    assert summary.median == 6.5  # the medians are 2 and 11
+    assert summary.rerun_medians == (2.0, 11.0)
+    assert summary.steps == 6
+    # Pooled steps 1, 2, 3, 10, 11, 12: inclusive quartiles 2.25 and 10.75, widened by the rerun medians.
+    assert summary.noise_low == 2.0
+    assert summary.noise_high == 11.0
+
+
+def test_summarize_without_steps_is_none():
+    assert report.summarize([[], []]) is None
+
+
+def test_ratio_marks_overlap_as_noise():
+    fast = report.summarize([[1.0, 1.1, 1.2]])
+    slow = report.summarize([[2.0, 2.1, 2.2]])
+    close = report.summarize([[1.1, 1.2, 1.3]])  # quartiles 1.15-1.25 touch 1.05-1.15
+
+    assert report.ratio_text(slow, fast) == "1.91"
+    assert not report.within_noise(slow, fast)
+    assert report.ratio_text(close, fast) == "1.09 (within noise)"
+    assert report.ratio_text(None, fast) == "n/a"
+
+
+def _run(model, library, method, **fields):
+    record = {"model": model, "library": library, "method": method, "repeat": 0, "status": "ok", "errors": {}}
+    record.update(fields)
+    return record
+
+
+def _document(runs, smoke=True):
+    return {
+        "created": "2026-01-01T00:00:00+00:00", "command": "python bench/run.py --smoke", "smoke": smoke,
+        "elapsed_s": 1.0,
+        "settings": {"device": "cpu", "threads": 1, "warmup": 1, "steps": 3, "inference_steps": 3, "seed": 0,
+                     "count_only": False},
+        "memory_method": "ru_maxrss",
+        "machine": {"cpu_model": "test CPU", "logical_cores": 2, "cores_available": 2,
+                    "load_average_1_5_15": [0.0, 0.0, 0.0]},
+        "versions": {"torch": "x"},
+        "workloads": {"llama-128m": {"description": "tiny", "batch_size": 2, "sequence_length": 16,
+                                     "task": "causal_lm"}},
+        "hyper_parameters": {"lora": {"r": 8}, "ia3": {}},
+        "library_methods": {"adapterkit": ["lora", "ia3"], "peft": ["lora"]},
+        "runs": runs,
+    }
+
+
+def test_parameter_check_explains_known_difference():
+    document = _document([
+        _run("llama-128m", "adapterkit", "ia3", trainable_adapter_parameters=640),
+        _run("llama-128m", "adapters", "ia3", trainable_adapter_parameters=256),
+        _run("llama-128m", "adapterkit", "lora", trainable_adapter_parameters=100),
+        _run("llama-128m", "peft", "lora", trainable_adapter_parameters=100),
+    ])
+    rows = {row[0]: row for row in report.parameter_check_rows(report.group_runs(document), "llama-128m")}
+
+    assert rows["lora"][-1] == "equal"
+    assert rows["lora"][2] == "lacks the method"
+    assert rows["ia3"][-1].startswith("differs: adapters 1.3.0 puts the feed-forward")
+
+
+def test_render_smoke_report_ratios_and_errors():
+    memory = {"after_setup": {"rss": 100.0}, "after_train": {"peak_rss": 150.0, "gpu_peak_allocated": None}}
+    document = _document([
+        _run("llama-128m", "baseline", "frozen", train_step_s=[1.0, 1.0, 1.0], inference_s=[0.5, 0.5, 0.5]),
+        _run("llama-128m", "adapterkit", "lora", train_step_s=[3.0, 3.0, 3.0], inference_s=[1.0, 1.0, 1.0],
+             memory_mib=memory, trainable_parameters=10, trainable_head_parameters=0),
+        _run("llama-128m", "peft", "lora", train_step_s=[2.0, 2.0, 2.0], inference_s=[1.0, 1.0, 1.0]),
+        _run("llama-128m", "adapterkit", "ia3", status="error", errors={"setup": "ValueError: bad"}),
+    ])
+
+    text = report.render(document, plot_name="ratios.png")
+
+    assert "**SMOKE RUN.**" in text
+    assert "| lora | peft | 1.50 | 1.00 (within noise) |" in text
+    assert "| lora | adapterkit | 3.00 |" in text  # train / floor
+    assert "| llama-128m | adapterkit | ia3 | setup | ValueError: bad |" in text
+    assert "![training-step ratios](ratios.png)" in text
+
+
+def test_plot_ratios_writes_png(tmp_path):
+    document = _document([
+        _run("llama-128m", "baseline", "frozen", train_step_s=[1.0, 1.0]),
+        _run("llama-128m", "adapterkit", "lora", train_step_s=[3.0, 3.0]),
+        _run("llama-128m", "peft", "lora", train_step_s=[2.0, 2.0]),
+    ])
+    path = tmp_path / "ratios.png"
+
+    assert report.plot_ratios(report.group_runs(document), ["llama-128m"], path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plan_rotates_libraries_and_skips_missing_methods():
+    plan = run.plan_configurations(["bert-base"], ["pfeiffer", "lora", "ia3"], ["adapterkit", "adapters", "peft"],
+                                   repeats=1, floors=True, routing=True)
+    order = [(config["library"], config["method"]) for config in plan]
+
+    assert order == [
+        ("baseline", "frozen"),
+        ("adapterkit", "pfeiffer"), ("adapters", "pfeiffer"),
+        ("adapters", "lora"), ("peft", "lora"), ("adapterkit", "lora"),
+        ("peft", "ia3"), ("adapterkit", "ia3"), ("adapters", "ia3"),
+        ("baseline", "full_finetune"),
+        ("adapterkit", "routing"),
+    ]
+
+
+def test_plan_reverses_odd_repeats():
+    plan = run.plan_configurations(["bert-base"], ["lora"], ["adapterkit", "peft"], repeats=2, floors=True,
+                                   routing=False)
+    order = [(config["repeat"], config["library"], config["method"]) for config in plan]
+
+    # Repeat 1 rotates the libraries by one more place, then runs its whole block reversed.
+    assert order == [
+        (0, "baseline", "frozen"), (0, "adapterkit", "lora"), (0, "peft", "lora"), (0, "baseline", "full_finetune"),
+        (1, "baseline", "full_finetune"), (1, "adapterkit", "lora"), (1, "peft", "lora"), (1, "baseline", "frozen"),
+    ]
+
+
+@pytest.mark.parametrize("argument", ["--steps", "--threads", "--repeats"])
+def test_arguments_reject_zero(argument):
+    with pytest.raises(SystemExit):
+        run.parse_arguments([argument, "0"])
+
+
+def test_merge_documents_pools_runs_as_reruns():
+    first = _document([_run("llama-128m", "peft", "lora", train_step_s=[1.0, 1.0])])
+    second = _document([_run("llama-128m", "peft", "lora", train_step_s=[3.0, 3.0])])
+
+    merged = report.merge_documents([first, second], ["a.json", "b.json"])
+    summary = report.group_runs(merged)[("llama-128m", "peft", "lora")].timing("train_step_s")
+
+    assert [part["source"] for part in merged["parts"]] == ["a.json", "b.json"]
+    assert summary.rerun_medians == (1.0, 3.0)
+    assert summary.median == 2.0
+
+
+def test_merge_documents_rejects_other_settings():
+    first = _document([])
+    second = _document([])
+    second["settings"] = dict(second["settings"], threads=4)
+
+    with pytest.raises(ValueError, match="b.json differs from a.json in threads"):
+        report.merge_documents([first, second], ["a.json", "b.json"])
