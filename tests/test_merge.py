@@ -503,3 +503,12 @@ def test_svd_rejects_bad_sources(build):
     with pytest.raises(ValueError, match=r"rank=0 is invalid"):
         model.add_weighted_adapter("sum", ["lora"], [1.0], combination="svd", rank=0)
     assert model.adapter_names == ["lora", "ia3", "gated"]
+
+
+def test_merge_rejects_ia3_on_ff_out_output(tiny_model):
+    model = adapterkit.init(tiny_model("llama"))
+    model.add_adapter("scale", adapterkit.IA3Config(targets=("ff_out",), ff_out_side="output"), set_active=True)
+
+    with pytest.raises(ValueError, match="ff_out_side='output'"):
+        model.merge_adapter("scale")
+    assert model.merged_adapters == []

@@ -602,3 +602,12 @@ def test_load_adapter_unknown_folder_raises(tiny_model, tmp_path):
 
     with pytest.raises(FileNotFoundError, match="contains no adapter checkpoint"):
         model.load_adapter(tmp_path)
+
+
+def test_write_rejects_ia3_on_ff_out_output(tiny_model, tmp_path):
+    model = adapterkit.init(tiny_model("llama"))
+    model.add_adapter("scale", IA3Config(targets=("ff_out",), ff_out_side="output"))
+
+    with pytest.raises(ValueError, match="ff_out_side='output'"):
+        model.save_adapter(tmp_path, "scale", format="peft")
+    assert not (tmp_path / "adapter_model.safetensors").exists()

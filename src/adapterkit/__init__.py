@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 from .architectures import (ARCHITECTURES, ArchitectureSpec, InputRef, LinearRef, StackSpec, SublayerSpec,
                             register_architecture)
 from .config import (PRESETS, AdapterConfig, BottleneckConfig, ConfigUnion, IA3Config, InvertibleConfig, LoRAConfig,
-                     MethodConfig, PrefixTuningConfig)
+                     MethodConfig, PrefixTuningConfig, PromptTuningConfig)
 from .model import init
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "LoRAConfig",
     "MethodConfig",
     "PrefixTuningConfig",
+    "PromptTuningConfig",
     "StackSpec",
     "SublayerSpec",
     "__version__",

@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--validation-size", type=float, default=0.1,
                        help="share of the training data used to pick the best epoch and stop early (default: 0.1)")
     train.add_argument("--adapter", default="houlsby",
-                       help="adapter preset: houlsby, pfeiffer, parallel, conv, lora, ia3, prefix_tuning, compacter, "
-                            "compacter++, mam, unipelt or invertible (default: houlsby)")
+                       help="adapter preset: houlsby, pfeiffer, parallel, conv, lora, ia3, prefix_tuning, "
+                            "prompt_tuning, compacter, compacter++, mam, unipelt or invertible (default: houlsby)")
     train.add_argument("--name", default=None, help="adapter name (default: the preset name)")
     train.add_argument("--epochs", type=int, default=3, help="maximum passes over the training data (default: 3)")
     train.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate (default: 0.001)")
@@ -90,10 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="folder for the merged model (save_pretrained) and its tokenizer")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
 
-    convert = commands.add_parser("convert", help="convert an adapter checkpoint between adapterkit and PEFT")
+    convert = commands.add_parser("convert", help="convert an adapter checkpoint between adapterkit, PEFT and "
+                                                  "AdapterHub adapters")
     convert.add_argument("source", type=Path, help="adapter folder in any supported format (detected from its files)")
     convert.add_argument("destination", type=Path, help="folder to write")
-    convert.add_argument("--to", required=True, choices=("adapterkit", "peft"), help="format to write")
+    convert.add_argument("--to", required=True, choices=("adapterkit", "peft", "adapters"), help="format to write")
     convert.add_argument("--model", default=None, help="model folder or hub id the adapter belongs to (default: the "
                                                        "one the checkpoint names)")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing destination folder")
@@ -294,9 +295,20 @@ def _checkpoint_base(adapter_dir: Path) -> tuple[str | None, bool]:
     """Return the base model a checkpoint names and whether it carries a classification head."""
     from .io import detect_format, read_description
 
-    if detect_format(adapter_dir) == "peft":
+    source_format = detect_format(adapter_dir)
+    if source_format == "peft":
         peft_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
         return peft_config.get("base_model_name_or_path"), bool(peft_config.get("modules_to_save"))
+    if source_format == "adapters":
+        if not (adapter_dir / "adapter_config.json").is_file():  # an AdapterFusion folder
+            return None, False
+        saved = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+        head_path = adapter_dir / "head_config.json"
+        head = json.loads(head_path.read_text(encoding="utf-8")) if head_path.is_file() else {}
+        # A language-model head saved with the adapter belongs to the base model, not to a classifier.
+        classifies = ("SequenceClassification" in str(head.get("model_class"))
+                      or (head.get("config") or {}).get("head_type") == "classification")
+        return saved.get("model_name"), classifies
     description = read_description(adapter_dir)
     return description.get("base_model", {}).get("name_or_path"), bool(description.get("head", {}).get("modules"))
 
@@ -415,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"adapterkit {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, NotImplementedError) as error:
         print(f"adapterkit {args.command}: error: {error}", file=sys.stderr)
         return 1
 

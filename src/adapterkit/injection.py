@@ -10,6 +10,8 @@ description names and, at every forward, asks the registry which adapter modules
 - ``PrefixSite``: one attention module, for prefix tuning, through ``prefix_attention``.
 - ``EmbeddingSite`` and ``FinalSite``: the embedding output and the last hidden state, for
   invertible adapters and the adapter before the head.
+- ``PromptSite``: the arguments of the model's forward (of the encoder's, in encoder-decoder
+  models), for prompt tuning.
 
 Nothing per forward is kept in module globals. What a hook captures during a forward (the residual
 stream, the attention mask) is stored thread-locally on the site. The hooks sit on modules inside
@@ -29,6 +31,8 @@ from torch import nn
 
 from .architectures import InputRef, LinearRef, SublayerSpec, get_submodule
 from .config import BottleneckConfig, IA3Config, LoRAConfig, MethodConfig
+from .methods.prompt import (encoder_and_decoder, extend_cross_attention_mask, extend_inputs, has_token_labels,
+                             input_embeddings, prompt_target)
 from .prefix_attention import set_prefix_source
 
 # A site key, e.g. ("sublayer", 3, "feed_forward"), and the (config, module) pairs that run there.
@@ -268,7 +272,8 @@ class LinearSite(Site):
         key: ``("linear", block_index, role, index)``.
         layer: The ``nn.Linear`` (or transformers ``Conv1D``) module.
         reference: Which slice of the output belongs to the role.
-        scale_input: Whether (IA)^3 rescales this projection's input instead of its output.
+        scale_input: Whether (IA)^3 rescales this projection's input instead of its output: True
+            for ``ff_out`` projections, where each (IA)^3 config's ``ff_out_side`` then decides.
         lookup: Called at every forward to get the adapters that run here.
     """
 
@@ -284,8 +289,11 @@ class LinearSite(Site):
         if scale_input:
             self._handles.append(layer.register_forward_pre_hook(self._scale_input))
 
+    def _scales_input(self, config: MethodConfig) -> bool:
+        return isinstance(config, IA3Config) and self.scale_input and config.ff_out_side == "input"
+
     def _scale_input(self, module: nn.Module, args: tuple) -> tuple | None:
-        vectors = [module for config, module in self.lookup(self.key) if isinstance(config, IA3Config)]
+        vectors = [module for config, module in self.lookup(self.key) if self._scales_input(config)]
         if not vectors:
             return None
         hidden = args[0]
@@ -307,7 +315,7 @@ class LinearSite(Site):
             if isinstance(config, LoRAConfig):
                 piece = piece + adapter(args[0])
                 changed = True
-            elif isinstance(config, IA3Config) and not self.scale_input:
+            elif isinstance(config, IA3Config) and not self._scales_input(config):
                 piece = adapter(piece)
                 changed = True
         if not changed:
@@ -422,3 +430,56 @@ class FinalSite(Site):
                     hidden = adapter.inverse(hidden)
                     changed = True
         return replace_first_tensor(output, hidden) if changed else None
+
+
+def arguments_by_name(names: tuple[str, ...], args: tuple, kwargs: dict, module: nn.Module) -> dict[str, Any]:
+    """Return the positional ``args`` and the ``kwargs`` of a call of ``module`` as one dict by parameter name."""
+    if len(args) > len(names):
+        raise TypeError(f"{type(module).__name__}.forward takes {len(names)} positional arguments, but got "
+                        f"{len(args)}; adapterkit cannot tell which input each one is")
+    return {**dict(zip(names, args)), **kwargs}
+
+
+class PromptSite(Site):
+    """Prompt tuning: the virtual tokens before the input embeddings (see ``methods.prompt``).
+
+    Decoder-only and encoder-only models get a forward pre-hook on the model itself, which also
+    extends per-token labels. Encoder-decoder models get one on the encoder, because ``generate()``
+    calls the encoder directly, and one on the decoder, which adds the prompt's columns to the
+    cross-attention mask.
+
+    Args:
+        key: ``("prompt",)``.
+        model: The transformers model.
+        lookup: Called at every forward to get ``(config, PromptTuning)`` pairs.
+    """
+
+    def __init__(self, key: SiteKey, model: nn.Module, lookup: Lookup):
+        super().__init__(key, lookup)
+        self.target = prompt_target(model)
+        encoder_decoder = self.target is not model
+        self._target_arguments = positional_names(self.target)
+        self._token_labels = not encoder_decoder and has_token_labels(model)
+        self._handles = [self.target.register_forward_pre_hook(self._insert_prompt, with_kwargs=True)]
+        if encoder_decoder:
+            _, decoder = encoder_and_decoder(model)
+            self._decoder_arguments = positional_names(decoder)
+            self._handles.append(decoder.register_forward_pre_hook(self._extend_cross_mask, with_kwargs=True))
+
+    def _insert_prompt(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        prompts = [prompt for _, prompt in self.lookup(self.key)]
+        if not prompts:
+            return None
+        inputs = arguments_by_name(self._target_arguments, args, kwargs, module)
+        if not extend_inputs(inputs, prompts, input_embeddings(module), token_labels=self._token_labels):
+            return None
+        return (), inputs
+
+    def _extend_cross_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        prompts = [prompt for _, prompt in self.lookup(self.key)]
+        if not prompts:
+            return None
+        inputs = arguments_by_name(self._decoder_arguments, args, kwargs, module)
+        if not extend_cross_attention_mask(inputs, sum(prompt.prompt_length for prompt in prompts)):
+            return None
+        return (), inputs

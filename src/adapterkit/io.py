@@ -135,15 +135,16 @@ def check_compatible(registry: AdapterRegistry, description: dict[str, Any], dir
                          f"hidden size {saved.get('hidden_size')}, such as {saved.get('name_or_path')!r}")
 
 
-FORMATS = ("adapterkit", "peft")
+FORMATS = ("adapterkit", "peft", "adapters")
 
 
 def detect_format(directory: str | os.PathLike) -> str:
-    """Return the checkpoint format of the folder: ``"adapterkit"`` or ``"peft"``.
+    """Return the checkpoint format of the folder: ``"adapterkit"``, ``"peft"`` or ``"adapters"``.
 
     Raises:
         FileNotFoundError: If the folder is missing or contains none of the formats, naming their files.
     """
+    from .formats.adapters import is_adapters_checkpoint
     from .formats.peft import is_peft_checkpoint
 
     directory = Path(directory)
@@ -153,8 +154,11 @@ def detect_format(directory: str | os.PathLike) -> str:
         return "adapterkit"
     if is_peft_checkpoint(directory):
         return "peft"
+    if is_adapters_checkpoint(directory):
+        return "adapters"
     raise FileNotFoundError(f"{directory} contains no adapter checkpoint: expected {CONFIG_FILE} (adapterkit) or "
-                            "adapter_config.json with a peft_type (PEFT)")
+                            "adapter_config.json with a peft_type (PEFT) or with a config and model_class "
+                            "(AdapterHub adapters)")
 
 
 def save_adapter_as(registry: AdapterRegistry, directory: str | os.PathLike, name: str,
@@ -167,6 +171,11 @@ def save_adapter_as(registry: AdapterRegistry, directory: str | os.PathLike, nam
 
         registry.check_names([name])
         return write_peft(registry, name, directory)
+    if format == "adapters":
+        from .formats.adapters import write_adapters
+
+        registry.check_names([name])
+        return write_adapters(registry, name, directory)
     raise ValueError(f"format={format!r}: expected one of {', '.join(FORMATS)}")
 
 
@@ -180,8 +189,11 @@ def load_adapter(registry: AdapterRegistry, directory: str | os.PathLike, load_a
         ValueError: If the adapter does not fit this model, or its name is taken.
     """
     directory = Path(directory)
-    if detect_format(directory) == "peft":
+    source_format = detect_format(directory)
+    if source_format == "peft":
         return _load_peft(registry, directory, load_as)
+    if source_format == "adapters":
+        return _load_adapters(registry, directory, load_as)
     description = read_description(directory)
     check_compatible(registry, description, directory)
     name = load_as or description["name"]
@@ -224,16 +236,36 @@ def _load_peft(registry: AdapterRegistry, directory: Path, load_as: str | None) 
     from .formats.peft import read_peft
 
     config, weights, info = read_peft(registry, directory)
-    name = load_as or "default"
+    name = _add_converted(registry, load_as or "default", config, weights, info, None)
+    for note in info.get("notes", []):
+        logger.info("Loading PEFT checkpoint %s: %s", directory, note)
+    logger.info("Loaded PEFT %s adapter %r from %s", info.get("peft_type"), name, directory)
+    return name
+
+
+def _load_adapters(registry: AdapterRegistry, directory: Path, load_as: str | None) -> str:
+    from .formats.adapters import read_adapters
+
+    config, weights, info = read_adapters(registry, directory)
+    name = _add_converted(registry, load_as or info["name"], config, weights, info, info.get("labels"))
+    for note in info.get("notes", []):
+        logger.info("Loading adapters checkpoint %s: %s", directory, note)
+    logger.info("Loaded adapters checkpoint %r from %s as %r", info["name"], directory, name)
+    return name
+
+
+def _add_converted(registry: AdapterRegistry, name: str, config: Any, weights: dict[str, torch.Tensor],
+                   info: dict[str, Any], labels: list[Any] | None) -> str:
+    """Add adapter ``name`` with weights read from another library's checkpoint, frozen; remove it on failure."""
     registry.add(name, config)
     try:
+        if labels is not None:
+            registry.entries[name].head_trained = False  # the weights below replace the copied head
+            registry.set_labels(name, labels)
         registry.modules_of(name).load_state_dict(weights, strict=True)
         registry.modules_of(name).requires_grad_(False)
         registry.entries[name].head_trained = bool(info.get("head_keys")) or registry.entries[name].head_trained
     except BaseException:
         registry.delete(name)
         raise
-    for note in info.get("notes", []):
-        logger.info("Loading PEFT checkpoint %s: %s", directory, note)
-    logger.info("Loaded PEFT %s adapter %r from %s", info.get("peft_type"), name, directory)
     return name

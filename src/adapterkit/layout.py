@@ -8,18 +8,21 @@ returns, for each module, the key of the site that runs it.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from torch import nn
 
 from .architectures import ArchitectureSpec, StackSpec, attention_shape, find_base_model, get_layers, get_submodule
-from .config import BottleneckConfig, IA3Config, InvertibleConfig, LoRAConfig, MethodConfig, PrefixTuningConfig
+from .config import (BottleneckConfig, IA3Config, InvertibleConfig, LoRAConfig, MethodConfig, PrefixTuningConfig,
+                     PromptTuningConfig)
 from .methods.bottleneck import Bottleneck
 from .methods.ia3 import IA3
 from .methods.invertible import InvertibleAdapter
 from .methods.lora import LoRA
 from .methods.phm import PHMRule
 from .methods.prefix import PrefixTuning
+from .methods.prompt import PromptTuning, input_embeddings, prompt_target
 
 
 def linear_shape(layer: nn.Module) -> tuple[int, int]:
@@ -114,6 +117,8 @@ def check_fits(layout: ModelLayout, config: MethodConfig) -> None:
         elif isinstance(member, InvertibleConfig) and layout.spec.embeddings is None:
             raise ValueError(f"The {layout.family!r} description names no embeddings module for the invertible "
                              "adapter; set ArchitectureSpec.embeddings")
+        elif isinstance(member, PromptTuningConfig):
+            _check_prompt(layout)
 
 
 def _check_bottleneck(layout: ModelLayout, config: BottleneckConfig) -> None:
@@ -135,6 +140,14 @@ def _check_bottleneck(layout: ModelLayout, config: BottleneckConfig) -> None:
                              f"where the convolution is centred; use {config.kernel_size + 1}")
 
 
+def _check_prompt(layout: ModelLayout) -> None:
+    target = prompt_target(layout.model)
+    input_embeddings(target)
+    if "inputs_embeds" not in inspect.signature(target.forward).parameters:
+        raise ValueError(f"{type(target).__name__}.forward takes no inputs_embeds, through which prompt tuning "
+                         "passes the prompt; this model cannot use prompt tuning")
+
+
 # -- building -------------------------------------------------------------------------------------
 
 def build(layout: ModelLayout, config: MethodConfig) -> nn.ModuleDict:
@@ -145,6 +158,8 @@ def build(layout: ModelLayout, config: MethodConfig) -> nn.ModuleDict:
         return _build_projections(layout, config)
     if isinstance(config, PrefixTuningConfig):
         return _build_prefix(layout, config)
+    if isinstance(config, PromptTuningConfig):
+        return _build_prompt(layout, config)
     if isinstance(config, InvertibleConfig):
         return nn.ModuleDict({"invertible": InvertibleAdapter(layout.hidden_size, block_type=config.block_type,
                                                               reduction_factor=config.reduction_factor,
@@ -197,7 +212,8 @@ def _build_projections(layout: ModelLayout, config: LoRAConfig | IA3Config) -> n
                     modules.append(LoRA(in_features, out_features, config.r, config.alpha, dropout=config.dropout,
                                         init_weights=config.init_weights, use_gating=config.use_gating))
                 else:
-                    modules.append(IA3(in_features if role == "ff_out" else out_features,
+                    scales_input = role == "ff_out" and config.ff_out_side == "input"
+                    modules.append(IA3(in_features if scales_input else out_features,
                                        init_weights=config.init_weights))
             roles[role] = modules
         layers[str(index)] = roles
@@ -213,6 +229,13 @@ def _build_prefix(layout: ModelLayout, config: PrefixTuningConfig) -> nn.ModuleD
                                      non_linearity=config.non_linearity, dropout=config.dropout, flat=config.flat,
                                      use_gating=config.use_gating, gate_from_input=not stack.causal)
     return nn.ModuleDict({"prefix": prefixes})
+
+
+def _build_prompt(layout: ModelLayout, config: PromptTuningConfig) -> nn.ModuleDict:
+    embeddings = input_embeddings(prompt_target(layout.model))
+    module = PromptTuning(config.prompt_length, embeddings.weight.shape[1])
+    module.reset_parameters(config.init, embeddings)
+    return nn.ModuleDict({"prompt": module})
 
 
 # -- where each module runs -----------------------------------------------------------------------
@@ -237,8 +260,10 @@ def placements(layout: ModelLayout, config: MethodConfig, tree: nn.ModuleDict) -
         for key, _, blocks in layout.prefix_stacks(config):
             kind = "cross" if key == "cross" else "self"
             found.extend((("prefix", index, kind), (tree["prefix"][key], row)) for row, index in enumerate(blocks))
+    elif isinstance(config, PromptTuningConfig):
+        found.append((("prompt",), tree["prompt"]))
     elif isinstance(config, InvertibleConfig):
         found.append((("embeddings",), tree["invertible"]))
-        if layout.spec.final is not None:
+        if layout.spec.final is not None and config.invert_output:
             found.append((("final",), tree["invertible"]))
     return found

@@ -72,6 +72,10 @@ def _check_methods(registry: AdapterRegistry, name: str) -> None:
     if any(isinstance(m, LoRAConfig) and m.use_gating for m in config.methods):
         raise ValueError(f"Adapter {name!r} has a gated LoRA, whose update depends on the input through its gate, "
                          "so no weight matrix can hold it and it cannot be merged")
+    # TODO: merge an ff_out (IA)^3 vector that scales the output, as checkpoints from adapters have.
+    if any(isinstance(m, IA3Config) and "ff_out" in m.targets and m.ff_out_side == "output" for m in config.methods):
+        raise ValueError(f"Adapter {name!r} has an (IA)^3 vector on the output of ff_out (ff_out_side='output'), "
+                         "which merging does not support yet; keep the adapter unmerged")
 
 
 def _check_unmerged_neighbours(registry: AdapterRegistry, name: str, action: str) -> None:

@@ -58,7 +58,8 @@ class AdapterModelMixin:
         Args:
             name: Letters, digits, ``_`` and ``-``.
             config: A method config (``BottleneckConfig``, ``LoRAConfig``, ``IA3Config``,
-                ``PrefixTuningConfig``, ``InvertibleConfig`` or a ``ConfigUnion`` of them), a preset name
+                ``PrefixTuningConfig``, ``PromptTuningConfig``, ``InvertibleConfig`` or a ``ConfigUnion`` of
+                them), a preset name
                 from ``adapterkit.PRESETS`` (``"lora"``, ``"mam"``, ...), a dict from ``config.to_dict()``,
                 or ``None`` for ``"pfeiffer"``.
             set_active: Make it the only active adapter.
@@ -178,7 +179,9 @@ class AdapterModelMixin:
             directory: The folder to write.
             name: The adapter.
             format: ``"adapterkit"`` (safetensors and JSON, every method) or ``"peft"`` (PEFT's
-                ``adapter_config.json`` and ``adapter_model.safetensors``, for LoRA, (IA)^3 and prefix tuning).
+                ``adapter_config.json`` and ``adapter_model.safetensors``, for LoRA, (IA)^3, prefix tuning
+                and prompt tuning), or ``"adapters"`` (AdapterHub ``adapters``: ``adapter_config.json``,
+                ``pytorch_adapter.bin`` and ``head_config.json``).
         """
         return io.save_adapter_as(self._adapterkit, directory, name, format)
 
@@ -187,8 +190,8 @@ class AdapterModelMixin:
         """Load an adapter, frozen, and return its name.
 
         Args:
-            directory: A folder written by ``save_adapter`` or by PEFT's ``save_pretrained``; the
-                format is detected from its files.
+            directory: A folder written by ``save_adapter``, by PEFT's ``save_pretrained`` or by
+                ``adapters``' ``save_adapter``; the format is detected from its files.
             load_as: Name to give the adapter; the saved name by default (``"default"`` for PEFT).
             set_active: Make it the only active adapter, so that the next forward uses it.
         """

@@ -19,7 +19,7 @@ from torch import nn
 from .architectures import ArchitectureSpec
 from .config import MethodConfig
 from .heads import STORE_ATTRIBUTE, count_labels, head_module_names, is_freshly_initialised, resize_head
-from .injection import EmbeddingSite, FinalSite, LinearSite, PrefixSite, Site, SublayerSite
+from .injection import EmbeddingSite, FinalSite, LinearSite, PrefixSite, PromptSite, Site, SublayerSite
 from .layout import ModelLayout, build, check_fits, placements
 from .merge import unmerge
 from .prefix_attention import disable_prefix_attention, enable_prefix_attention
@@ -180,6 +180,8 @@ class AdapterRegistry:
             return EmbeddingSite(key, layout.submodule(self.spec.embeddings), self.lookup)
         if kind == "final":
             return FinalSite(key, layout.submodule(self.spec.final), invert=self._has_tied_lm_head(), lookup=self.lookup)
+        if kind == "prompt":
+            return PromptSite(key, self.model, self.lookup)
         raise ValueError(f"Unknown site kind {kind!r}")
 
     def _has_tied_lm_head(self) -> bool:

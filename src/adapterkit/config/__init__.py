@@ -6,6 +6,7 @@ from .invertible import InvertibleConfig
 from .lora import IA3Config, LoRAConfig
 from .prefix import PrefixTuningConfig
 from .presets import PRESETS, resolve_config
+from .prompt import PromptTuningConfig
 from .union import ConfigUnion
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "LoRAConfig",
     "MethodConfig",
     "PrefixTuningConfig",
+    "PromptTuningConfig",
     "config_from_dict",
     "resolve_config",
 ]

@@ -10,6 +10,7 @@ from .base import (MethodConfig, check_bools, check_choice, check_probability, c
 
 LORA_INITS = ("lora", "gaussian", "bert")
 IA3_INITS = ("ones", "bert")
+FF_OUT_SIDES = ("input", "output")
 
 
 @register_config
@@ -65,17 +66,22 @@ class IA3Config(MethodConfig):
 
     Attention roles (``query``, ``key``, ``value``, ``attention_output``) and ``ff_in`` scale the
     projection's output. ``ff_out`` scales the input of the feed-forward output projection, which is
-    the activation after the non-linearity, as in the paper.
+    the activation after the non-linearity, as in the paper, unless ``ff_out_side="output"``.
 
     Attributes:
         targets: Roles to rescale, from ``query``, ``key``, ``value``, ``attention_output``, ``ff_in``
             and ``ff_out``.
         init_weights: ``"ones"`` starts as the identity; ``"bert"`` draws from normal(1, 0.02).
+        ff_out_side: ``"input"`` scales the input of the ``ff_out`` projection (a vector of its input
+            width). ``"output"`` scales its output (a vector of the hidden size), as the ``adapters``
+            library does for a module it wraps as ``intermediate_lora`` or ``output_lora``, which on
+            Llama is ``down_proj``.
         leave_out: Indices of blocks that get no (IA)^3 vectors.
     """
 
     targets: tuple[str, ...] = ("key", "value", "ff_out")
     init_weights: str = "ones"
+    ff_out_side: str = "input"
 
     architecture: ClassVar[str] = "ia3"
     tuple_fields: ClassVar[tuple[str, ...]] = ("leave_out", "targets")
@@ -84,4 +90,5 @@ class IA3Config(MethodConfig):
         problems = super()._find_problems()
         problems += check_roles("targets", self.targets)
         problems += check_choice("init_weights", self.init_weights, IA3_INITS)
+        problems += check_choice("ff_out_side", self.ff_out_side, FF_OUT_SIDES)
         return problems

@@ -9,6 +9,7 @@ from .bottleneck import BottleneckConfig
 from .invertible import InvertibleConfig
 from .lora import IA3Config, LoRAConfig
 from .prefix import PrefixTuningConfig
+from .prompt import PromptTuningConfig
 from .union import ConfigUnion
 
 _PFEIFFER = BottleneckConfig(mh_adapter=False, output_adapter=True, reduction_factor=16, non_linearity="relu",
@@ -32,6 +33,8 @@ PRESETS: dict[str, MethodConfig] = {
     "ia3": IA3Config(),
     # Li and Liang (2021): 30 prefix positions produced by an MLP of width 512.
     "prefix_tuning": PrefixTuningConfig(),
+    # Lester et al. (2021): 20 trained virtual-token embeddings before the input.
+    "prompt_tuning": PromptTuningConfig(),
     # Karimi Mahabadi et al. (2021): PHM adapters after attention and feed-forward (Houlsby placement).
     "compacter": BottleneckConfig(mh_adapter=True, output_adapter=True, reduction_factor=32, non_linearity="gelu",
                                   original_ln_before=False, phm_layer=True, phm_dim=4),

@@ -1,4 +1,4 @@
-"""Read and write Hugging Face PEFT checkpoints: LoRA, (IA)^3 and prefix tuning.
+"""Read and write Hugging Face PEFT checkpoints: LoRA, (IA)^3, prefix tuning and prompt tuning.
 
 A PEFT checkpoint is a folder with ``adapter_config.json`` (the PEFT config, with ``peft_type``)
 and ``adapter_model.safetensors`` (or the older ``adapter_model.bin``). The weight keys name the
@@ -14,8 +14,11 @@ adapted module by its path in the transformers model (checked against PEFT 0.21.
 - Prefix tuning: ``prompt_embeddings`` ``(num_virtual_tokens, num_layers * 2 * token_dim)``, the
   last dimension laid out as ``(num_layers, 2, heads, head_dim)`` with keys before values. With
   ``prefix_projection=True`` PEFT saves the output of its MLP, not the MLP.
+- Prompt tuning: ``prompt_embeddings`` ``(num_transformer_submodules * num_virtual_tokens,
+  token_dim)``. Seq2seq checkpoints have two submodules, but PEFT 0.21's prompt tuning prepends
+  only the first ``num_virtual_tokens`` rows, to the encoder input.
 - Heads in ``modules_to_save``: ``base_model.model.<module>.<parameter>``, or
-  ``base_model.<module>.<parameter>`` for prefix tuning.
+  ``base_model.<module>.<parameter>`` for prefix and prompt tuning.
 
 adapterkit places LoRA and (IA)^3 by role (``query``, ``ff_out``, ...) on every block that is not
 left out, with one rank and one ``alpha``. ``read_peft`` maps a PEFT checkpoint onto that form
@@ -43,11 +46,12 @@ from torch import nn
 from transformers.models.auto import modeling_auto
 
 from ..architectures import LinearRef, attention_shape
-from ..config import IA3Config, LoRAConfig, MethodConfig, PrefixTuningConfig
+from ..config import IA3Config, LoRAConfig, MethodConfig, PrefixTuningConfig, PromptTuningConfig
 from ..config.base import ROLES
 from ..heads import STORE_ATTRIBUTE
 from ..io import write_atomically
 from ..layout import linear_shape
+from ..methods.prompt import input_embeddings, prompt_target
 
 if TYPE_CHECKING:
     from ..registry import AdapterRegistry
@@ -58,8 +62,8 @@ CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 BIN_FILE = "adapter_model.bin"
 
-SUPPORTED_PEFT_TYPES = ("LORA", "IA3", "PREFIX_TUNING")
-_PROMPT_LEARNING_TYPES = ("PREFIX_TUNING",)
+SUPPORTED_PEFT_TYPES = ("LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING")
+_PROMPT_LEARNING_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING")
 
 # Config keys that describe the checkpoint or only how PEFT initialises or matches modules. The
 # weights file lists the adapted modules, so target_modules and its relatives are not needed.
@@ -70,6 +74,9 @@ _LORA_KEYS = _COMMON_KEYS | {"r", "lora_alpha", "lora_dropout", "use_rslora", "i
                              "alpha_pattern", "megatron_core", "qalora_group_size", "loftq_config", "eva_config",
                              "corda_config", "lora_ga_config", "ensure_weight_tying", "runtime_config"}
 _IA3_KEYS = _COMMON_KEYS | {"feedforward_modules", "init_ia3_weights"}
+_PROMPT_KEYS = _COMMON_KEYS | {"num_virtual_tokens", "token_dim", "num_transformer_submodules",
+                               "num_attention_heads", "num_layers", "prompt_tuning_init",
+                               "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs"}
 _PREFIX_KEYS = _COMMON_KEYS | {"num_virtual_tokens", "token_dim", "num_transformer_submodules",
                                "num_attention_heads", "num_layers", "init_weights", "encoder_hidden_size",
                                "prefix_projection"}
@@ -259,6 +266,10 @@ def read_peft(registry: AdapterRegistry, directory: str | os.PathLike) -> PeftCh
     models). adapterkit's prefix leaves positions alone. ``info["position_offset"]`` is that shift:
     pass position ids starting there (RoBERTa: at ``padding_idx + 1 + offset``) to get PEFT's outputs.
 
+    Prompt tuning: outputs match PEFT's, except for rows with left padding, where adapterkit puts
+    the prompt after the padding and PEFT before it, and when ``forward`` gets position ids other
+    than the model's defaults: PEFT drops them, adapterkit moves them up by the prompt length.
+
     Args:
         registry: The adapter registry of the model (``model._adapterkit``).
         directory: A folder written by PEFT's ``save_pretrained``.
@@ -293,6 +304,8 @@ def read_peft(registry: AdapterRegistry, directory: str | os.PathLike) -> PeftCh
         config, weights = _read_lora(registry, peft_config, state, notes)
     elif peft_type == "IA3":
         config, weights = _read_ia3(registry, peft_config, state, notes)
+    elif peft_type == "PROMPT_TUNING":
+        config, weights = _read_prompt(registry, peft_config, state, notes)
     else:
         config, weights = _read_prefix(registry, peft_config, state, notes)
 
@@ -569,6 +582,34 @@ def _check_prefix_family(family: str) -> None:
                          "cache that PEFT passes the prefix in, so adapterkit's prefix cannot reproduce it")
 
 
+def _read_prompt(registry: AdapterRegistry, peft_config: dict[str, Any], state: dict[str, torch.Tensor],
+                 notes: list[str]) -> tuple[PromptTuningConfig, dict[str, torch.Tensor]]:
+    _check_options(peft_config, _PROMPT_KEYS, {})
+    extra = sorted(key for key in state if key != "prompt_embeddings")
+    if extra or "prompt_embeddings" not in state:
+        raise ValueError(f"A prompt tuning checkpoint contains prompt_embeddings and head weights only; this one has "
+                         f"{extra or 'no prompt_embeddings'}")
+    prompt = state["prompt_embeddings"]
+    width = input_embeddings(prompt_target(registry.model)).weight.shape[1]
+    submodules = peft_config.get("num_transformer_submodules") or 1
+    length = int(peft_config.get("num_virtual_tokens") or prompt.shape[0] // submodules)
+    encoder_decoder = bool(getattr(registry.model.config, "is_encoder_decoder", False))
+    if submodules not in (1, 2) or (submodules == 2 and not encoder_decoder):
+        raise ValueError(f"num_transformer_submodules={submodules!r} does not fit a {type(registry.model).__name__}: "
+                         "expected 1, or 2 for an encoder-decoder model")
+    if tuple(prompt.shape) != (submodules * length, width):
+        raise ValueError(f"prompt_embeddings has shape {tuple(prompt.shape)}, but num_virtual_tokens={length}, "
+                         f"num_transformer_submodules={submodules} and this model's input embeddings of width "
+                         f"{width} need ({submodules * length}, {width})")
+    if submodules == 2:
+        notes.append(f"The checkpoint has {2 * length} prompt rows, for an encoder and a decoder, but PEFT's prompt "
+                     f"tuning prepends only the first {length} to the encoder input, so only those are loaded")
+        prompt = prompt[:length]
+    init = str(peft_config.get("prompt_tuning_init") or "RANDOM").upper()
+    config = PromptTuningConfig(prompt_length=length, init="random" if init == "RANDOM" else "vocab")
+    return config, {"methods.0.prompt.prompt": prompt}
+
+
 # -- writing --------------------------------------------------------------------------------------
 
 def write_peft(registry: AdapterRegistry, name: str, directory: str | os.PathLike) -> Path:
@@ -595,7 +636,8 @@ def write_peft(registry: AdapterRegistry, name: str, directory: str | os.PathLik
 
     Raises:
         ValueError: If the adapter has no PEFT equivalent: several methods, a method other than
-            LoRA, (IA)^3 and prefix tuning, gating, or a prefix on only some blocks.
+            LoRA, (IA)^3, prefix tuning and prompt tuning, gating, a prefix on only some blocks, or
+            a prompt on a model class that PEFT's prompt tuning cannot run.
     """
     registry.check_names([name])
     directory = Path(directory)
@@ -611,12 +653,15 @@ def write_peft(registry: AdapterRegistry, name: str, directory: str | os.PathLik
         peft_config, weights = _ia3_to_peft(registry, tree)
     elif isinstance(member, PrefixTuningConfig):
         peft_config, weights = _prefix_to_peft(registry, member, tree)
+    elif isinstance(member, PromptTuningConfig):
+        peft_config, weights = _prompt_to_peft(registry, member, tree)
     else:
         raise ValueError(f"Adapter {name!r} is a {member.architecture} adapter, which PEFT has no format for; "
-                         "adapterkit writes LoRA, (IA)^3 and prefix tuning adapters as PEFT checkpoints")
+                         "adapterkit writes LoRA, (IA)^3, prefix tuning and prompt tuning adapters as PEFT "
+                         "checkpoints")
 
     prefix = "base_model." if peft_config["peft_type"] in _PROMPT_LEARNING_TYPES else "base_model.model."
-    # PEFT saves prefix tuning's prompt_embeddings without a module prefix.
+    # PEFT saves the prompt_embeddings of prefix and prompt tuning without a module prefix.
     tensors = {key if key == "prompt_embeddings" else f"{prefix}{key}": value for key, value in weights.items()}
     head = registry.modules_of(name)["head"]
     for key, value in head.state_dict().items():
@@ -745,7 +790,22 @@ def _lora_to_peft(registry: AdapterRegistry, config: LoRAConfig,
     return peft_config, weights
 
 
+def _ia3_configs(registry: AdapterRegistry, tree: nn.ModuleDict) -> list[IA3Config]:
+    """Return the (IA)^3 member configs of the adapter whose method subtree is ``tree``."""
+    for name in registry.entries:
+        methods = registry.modules_of(name)["methods"]
+        for index, member in enumerate(registry.entries[name].config.methods):
+            if methods[str(index)] is tree:
+                return [member] if isinstance(member, IA3Config) else []
+    return []
+
+
 def _ia3_to_peft(registry: AdapterRegistry, tree: nn.ModuleDict) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    # TODO: write ff_out_side="output" as a PEFT vector of shape (out, 1) outside feedforward_modules.
+    for config in _ia3_configs(registry, tree):
+        if "ff_out" in config.targets and config.ff_out_side == "output":
+            raise ValueError("Writing an (IA)^3 vector on the output of ff_out (ff_out_side='output') in PEFT format "
+                             "is not supported yet; save it in adapterkit or adapters format")
     weights: dict[str, torch.Tensor] = {}
     feedforward = []
     layers = _adapted_layers(registry, tree)
@@ -818,3 +878,38 @@ def _prefix_to_peft(registry: AdapterRegistry, config: PrefixTuningConfig,
         "prefix_projection": False,
     }
     return peft_config, {"prompt_embeddings": prefix}
+
+
+# PEFT task types whose wrapper runs prompt tuning on an encoder-decoder model. The sequence
+# classification wrapper passes inputs_embeds without input_ids, which T5 and BART classifiers reject
+# (NotImplementedError with PEFT 0.21.2 and transformers 5.25), and the other wrappers do the same.
+_ENCODER_DECODER_PROMPT_TASKS = ("SEQ_2_SEQ_LM", "FEATURE_EXTRACTION")
+
+
+def _prompt_to_peft(registry: AdapterRegistry, config: PromptTuningConfig,
+                    tree: nn.ModuleDict) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    model = registry.model
+    task = _task_type(model)
+    if task is None:
+        raise ValueError(f"PEFT applies prompt tuning through its task wrappers, and none fits a "
+                         f"{type(model).__name__}; use a model class of a transformers auto class "
+                         "(such as AutoModelForCausalLM or AutoModelForSequenceClassification)")
+    if getattr(model.config, "is_encoder_decoder", False) and task not in _ENCODER_DECODER_PROMPT_TASKS:
+        raise ValueError(f"PEFT's {task} wrapper cannot run prompt tuning on a {type(model).__name__}: it passes only "
+                         "inputs_embeds, which this model rejects. Write the prompt from the model's "
+                         "ForConditionalGeneration class or its bare model (AutoModel)")
+    prompt = tree["prompt"].prompt
+    text_config = getattr(model.config, "text_config", None) or model.config
+    peft_config = {
+        "peft_type": "PROMPT_TUNING",
+        "num_virtual_tokens": config.prompt_length,
+        "token_dim": prompt.shape[1],
+        "num_transformer_submodules": 1,
+        "num_layers": getattr(text_config, "num_hidden_layers", None) or len(registry.layout),
+        "num_attention_heads": getattr(text_config, "num_attention_heads", None),
+        "prompt_tuning_init": "SAMPLE_VOCAB" if config.init == "vocab" else "RANDOM",
+        "prompt_tuning_init_text": None,
+        "tokenizer_name_or_path": None,
+        "tokenizer_kwargs": None,
+    }
+    return peft_config, {"prompt_embeddings": prompt}
