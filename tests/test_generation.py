@@ -241,14 +241,26 @@ def test_generate_differs_from_bare_model(family, method):
     model = generation_model(family, method)
     prompts = [prompt(ids) for ids in (LONG_PROMPT, SHORT_PROMPT, *EXTRA_PROMPTS)]
 
-    adapted = [greedy(model, family, ids) for ids in prompts]
+    adapted = [generate(model, family, ids, output_logits=True) for ids in prompts]
     with bare(model):
-        plain = [greedy(model, family, ids) for ids in prompts]
+        plain = [generate(model, family, ids, output_logits=True) for ids in prompts]
 
-    for tokens in adapted:
-        assert tokens.shape == (1, NEW_TOKENS)
-    assert any(not torch.equal(a, p) for a, p in zip(adapted, plain)), (
-        f"{method} on {family} generated the bare model's tokens for every prompt: {[p.tolist() for p in plain]}")
+    for output in adapted:
+        assert output.new_tokens.shape == (1, NEW_TOKENS)
+    # Both runs start from the same prompt, so the first step's logits show whether generate() ran the adapter.
+    for ids, adapted_output, plain_output in zip(prompts, adapted, plain):
+        difference = (adapted_output.logits[0] - plain_output.logits[0]).abs().max().item()
+        assert difference > 1e-3, f"{method} on {family}, prompt {ids.tolist()}: first-step logits differ by {difference}"
+    plain_tokens = [output.new_tokens for output in plain]
+    # Under transformers 4.57 the tiny T5 generates its decoder start token at every step for every prompt,
+    # because its tied embeddings favour the decoder input. Some adapters then leave every argmax in place,
+    # so the tokens are compared only when the bare model generates anything else.
+    start_token_only = is_seq2seq(family) and all(
+        bool((tokens == model.config.decoder_start_token_id).all()) for tokens in plain_tokens)
+    if not start_token_only:
+        assert any(not torch.equal(output.new_tokens, tokens) for output, tokens in zip(adapted, plain_tokens)), (
+            f"{method} on {family} generated the bare model's tokens for every prompt: "
+            f"{[tokens.tolist() for tokens in plain_tokens]}")
 
 
 @pytest.mark.parametrize(("family", "method"), FAMILY_AND_METHOD)

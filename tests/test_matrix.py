@@ -305,7 +305,9 @@ def test_gradient_checkpointing_unsupported_family(family, fresh_model):
     model = adapterkit.init(fresh_model(family))
     model.add_adapter("task", "lora")
 
-    with pytest.raises(ValueError, match="MPNetForSequenceClassification does not support activation checkpointing"):
+    # The message reads "activation checkpointing" in transformers 5 and "gradient checkpointing" in 4.57.
+    with pytest.raises(ValueError,
+                       match="MPNetForSequenceClassification does not support (activation|gradient) checkpointing"):
         model.gradient_checkpointing_enable()
 
 

@@ -516,6 +516,8 @@ def test_read_rejects_head_of_other_size(tiny_model, tmp_path):
         read_peft(adapterkit.init(tiny_model("bert", num_labels=5))._adapterkit, tmp_path)
 
 
+@pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5,
+                    reason="DistilBertModel.forward in transformers 4.x rejects the past_key_values PEFT passes")
 def test_read_rejects_prefix_peft_ignores(tiny_model, tiny_inputs, tmp_path):
     base = _body_model(tiny_model, "distilbert", transformers.AutoModel)
     ids = tiny_inputs("distilbert")

@@ -7,6 +7,7 @@ generation with and without a KV cache, or from attention computed by hand from 
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import pickle
 
@@ -35,7 +36,20 @@ FAMILIES = ENCODERS + DECODERS + SEQ2SEQ
 # MPNet and DeBERTa-v2 have only their own attention code, which transformers calls "eager".
 HOOKED = ("mpnet", "deberta-v2")
 INTERFACE_FAMILIES = tuple(family for family in FAMILIES if family not in HOOKED)
-FAMILY_IMPLEMENTATIONS = [(family, implementation) for family in FAMILIES for implementation in ("sdpa", "eager")
+TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+# Transformers 4.x has no SDPA attention for ELECTRA and T5 and rejects attn_implementation="sdpa".
+NO_SDPA = ("electra", "t5") if TRANSFORMERS_MAJOR < 5 else ()
+NO_SDPA_REASON = f"transformers {transformers.__version__} has no SDPA attention for this family"
+
+
+def implementation_case(family: str, implementation: str):
+    """Return a ``(family, implementation)`` test case, skipped where the family has no such implementation."""
+    return pytest.param(family, implementation,
+                        marks=pytest.mark.skipif(implementation == "sdpa" and family in NO_SDPA, reason=NO_SDPA_REASON))
+
+
+FAMILY_IMPLEMENTATIONS = [implementation_case(family, implementation)
+                          for family in FAMILIES for implementation in ("sdpa", "eager")
                           if not (family in HOOKED and implementation == "sdpa")]
 
 # Suffixes of the attention modules' names, as adapterkit's architecture descriptions name them.
@@ -48,7 +62,7 @@ ATTENTION_PATHS = {
 }
 
 
-def tiny_config(family: str) -> transformers.PreTrainedConfig:
+def tiny_config(family: str) -> transformers.PretrainedConfig:
     """Return a config with hidden size 32, 2 layers, 4 heads, and 2 key/value heads where the family has GQA."""
     common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
                   vocab_size=VOCAB_SIZE, max_position_embeddings=64)
@@ -95,10 +109,14 @@ def tiny_config(family: str) -> transformers.PreTrainedConfig:
     raise ValueError(f"no tiny config for family {family!r}")
 
 
-def build_model(family: str, implementation: str = "sdpa", seed: int = 0) -> nn.Module:
-    """Return a tiny random model of ``family`` in eval mode: a base encoder, a causal LM or a seq2seq LM."""
-    if family in HOOKED:
+def build_model(family: str, implementation: str | None = None, seed: int = 0) -> nn.Module:
+    """Return a tiny random model of ``family`` in eval mode: a base encoder, a causal LM or a seq2seq LM.
+
+    ``implementation`` defaults to ``"sdpa"``, or ``"eager"`` where the family has only that.
+    """
+    if family in HOOKED or (implementation is None and family in NO_SDPA):
         implementation = "eager"
+    implementation = implementation or "sdpa"
     torch.manual_seed(seed)
     config = tiny_config(family)
     if family in DECODERS:
@@ -213,7 +231,7 @@ def test_disable_restores_bitwise(family):
     model = build_model(family)
     configs_before = {id(module.config): module.config._attn_implementation
                       for module in model.modules() if isinstance(getattr(module, "config", None),
-                                                                   transformers.PreTrainedConfig)}
+                                                                   transformers.PretrainedConfig)}
     bare = run(model, family)
     enable_prefix_attention(model)
     enable_prefix_attention(model)  # a second call changes nothing
@@ -226,12 +244,14 @@ def test_disable_restores_bitwise(family):
     assert torch.equal(run(model, family), bare)
     configs_after = {id(module.config): module.config._attn_implementation
                      for module in model.modules() if isinstance(getattr(module, "config", None),
-                                                                  transformers.PreTrainedConfig)}
+                                                                  transformers.PretrainedConfig)}
     assert configs_after == configs_before
     assert not [name for name, module in model.named_modules()
                 if module._forward_hooks or module._forward_pre_hooks or "disentangled_attention_bias" in vars(module)]
 
 
+@pytest.mark.skipif(TRANSFORMERS_MAJOR < 5, reason="T5 attention in transformers 4.x does not call the "
+                    "AttentionInterface, so prefix attention hooks it and leaves its configs as they are")
 def test_enable_switches_copied_configs():
     model = build_model("t5")
     enable_prefix_attention(model)
@@ -350,7 +370,8 @@ def test_bert_attention_matches_hand_computation(implementation):
     torch.testing.assert_close(record["output"][0], expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("implementation", [
+    pytest.param("sdpa", marks=pytest.mark.skipif("t5" in NO_SDPA, reason=NO_SDPA_REASON)), "eager"])
 def test_t5_relative_bias_is_zero_on_prefix(implementation):
     model = build_model("t5", implementation)
     enable_prefix_attention(model)
@@ -370,10 +391,14 @@ def test_t5_relative_bias_is_zero_on_prefix(implementation):
     bias = F.pad(position_bias, (PREFIX_LENGTH, 0)).masked_fill(~visible, float("-inf"))
     expected = attention.o(hand_attention(query, keys, values, bias))
 
-    output, returned_bias, _ = record["output"]
+    output, returned_bias = record["output"][:2]
     torch.testing.assert_close(output, expected, atol=1e-5, rtol=0)
-    # The next layers reuse the returned bias, which must keep the real key length.
-    torch.testing.assert_close(returned_bias, position_bias)
+    # The next layers reuse the returned bias, which must keep the real key length. Transformers 4.x
+    # adds the padding mask into it.
+    expected_bias = position_bias
+    if TRANSFORMERS_MAJOR < 5:
+        expected_bias = position_bias + (1.0 - padding[:, None, None, :].float()) * torch.finfo(torch.float32).min
+    torch.testing.assert_close(returned_bias, expected_bias)
 
 
 def test_mpnet_attention_matches_hand_computation():
@@ -385,7 +410,9 @@ def test_mpnet_attention_matches_hand_computation():
     padding = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
     run(model, "mpnet", input_ids=token_ids(), attention_mask=padding)
 
-    hidden, _, position_bias = record["args"][:3]
+    # Transformers 4.57 passes head_mask before position_bias, so the arguments are read by name.
+    call = inspect.signature(attention.forward).bind(*record["args"], **record["kwargs"]).arguments
+    hidden, position_bias = call["hidden_states"], call["position_bias"]
     query = heads(attention.q(hidden), 4)
     keys = torch.cat([sources[1].key.expand(2, -1, -1, -1), heads(attention.k(hidden), 4)], dim=2)
     values = torch.cat([sources[1].value.expand(2, -1, -1, -1), heads(attention.v(hidden), 4)], dim=2)
@@ -466,7 +493,9 @@ def test_padded_rows_equal_single_rows(family, implementation):
         torch.testing.assert_close(batch_output[index, real], run(model, family, **row)[0], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", INTERFACE_FAMILIES)
+@pytest.mark.parametrize("family", [
+    pytest.param(family, marks=pytest.mark.skipif(family in NO_SDPA, reason=NO_SDPA_REASON))
+    for family in INTERFACE_FAMILIES])
 def test_sdpa_and_eager_agree(family):
     outputs = []
     for implementation in ("sdpa", "eager"):
@@ -496,7 +525,7 @@ def test_gpt2_reordered_upcast_attention():
     torch.testing.assert_close(reordered, run(sdpa_model, "gpt2"), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["llama", "bert", "mpnet", "deberta-v2"])
+@pytest.mark.parametrize("family", ["llama", "bert", "distilbert", "mpnet", "deberta-v2"])
 def test_attention_weights_include_prefix_columns(family):
     model = build_model(family, "eager")
     enable_prefix_attention(model)
@@ -552,20 +581,26 @@ def test_set_attn_implementation_after_enable():
     torch.testing.assert_close(run(model, "llama"), prefixed, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt2", "gemma3", "t5", "bart"])
+@pytest.mark.parametrize(("family", "implementation"), [
+    implementation_case(family, implementation) for implementation in ("sdpa", "eager")
+    for family in ("llama", "mistral", "qwen2", "gpt2", "gemma3", "t5", "bart")])
 def test_generate_with_and_without_cache(family, implementation):
     model = build_model(family, implementation)
     enable_prefix_attention(model)
     attach_prefixes(model, family)
     inputs = {"input_ids": token_ids(2, 5), "attention_mask": torch.ones(2, 5, dtype=torch.long)}
-    settings = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=model.config.pad_token_id)
+    settings = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=model.config.pad_token_id,
+                    return_dict_in_generate=True, output_logits=True)
 
     with torch.no_grad():
-        cached = model.generate(**inputs, use_cache=True, **settings)
-        uncached = model.generate(**inputs, use_cache=False, **settings)
+        cached_output = model.generate(**inputs, use_cache=True, **settings)
+        uncached_output = model.generate(**inputs, use_cache=False, **settings)
 
-    assert torch.equal(cached, uncached)
+    cached = cached_output.sequences
+    assert torch.equal(cached, uncached_output.sequences)
+    # A tiny random model can repeat one token, so the logits of every step are compared too.
+    torch.testing.assert_close(torch.stack(cached_output.logits), torch.stack(uncached_output.logits),
+                               atol=1e-5, rtol=1e-4)
     if family in SEQ2SEQ:
         start = torch.full((2, 1), model.config.decoder_start_token_id)
         logits = run(model, family, decoder_input_ids=start, **inputs)
@@ -577,6 +612,33 @@ def test_generate_with_and_without_cache(family, implementation):
     next_logits = logits[:, -1].clone()
     next_logits[:, model.config.eos_token_id] = float("-inf")
     assert torch.equal(first, next_logits.argmax(-1))
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_bert_decoder_is_causal_with_cache(implementation):
+    # A BERT decoder runs with a KV cache, and its SDPA attention gets no mask on unpadded input.
+    config = tiny_config("bert")
+    config.is_decoder = True
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=implementation).eval()
+    ids = token_ids(2, 7)
+    bare = run(model, "bert", input_ids=ids)
+    enable_prefix_attention(model)
+    attach_prefixes(model, "bert")
+    settings = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0,
+                    return_dict_in_generate=True, output_logits=True)
+
+    full = run(model, "bert", input_ids=ids)
+    head = run(model, "bert", input_ids=ids[:, :4])
+    with torch.no_grad():
+        cached = model.generate(input_ids=ids, use_cache=True, **settings)
+        uncached = model.generate(input_ids=ids, use_cache=False, **settings)
+
+    assert (full - bare).abs().max() > 1e-2
+    # Positions 0-3 see neither later tokens nor a shifted causal pattern.
+    torch.testing.assert_close(full[:, :4], head, atol=1e-5, rtol=1e-4)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(torch.stack(cached.logits), torch.stack(uncached.logits), atol=1e-5, rtol=1e-4)
 
 
 def test_generate_left_padded_with_and_without_cache():

@@ -349,7 +349,8 @@ class PrefixSite(Site):
         super().remove()
 
     def _capture_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._captured.hidden_states = args[0] if args else kwargs.get("hidden_states")
+        # DistilBERT's attention in transformers 4.57 takes its input as ``query``.
+        self._captured.hidden_states = args[0] if args else kwargs.get("hidden_states", kwargs.get("query"))
         # T5's attention modules name the mask ``mask``.
         mask = kwargs.get("attention_mask")
         self._captured.attention_mask = kwargs.get("mask") if mask is None else mask

@@ -5,16 +5,17 @@ of an attention layer. Each attention module gets a *prefix source* (``set_prefi
 callable that returns the prefix tensors at every forward. ``enable_prefix_attention`` then routes
 the model's attention through code that prepends them:
 
-- Families whose attention modules call transformers' ``AttentionInterface``: bert, roberta,
-  distilbert, electra, gpt2, llama, mistral, qwen2, gemma3, t5, bart and most others in
-  transformers 5. Each config's ``_attn_implementation`` is switched to a registered wrapper,
+- Families whose attention modules call transformers' ``AttentionInterface``: gpt2, llama, mistral,
+  qwen2, gemma3, bart and most others, plus bert, roberta, distilbert, electra and t5 from
+  transformers 5 on. Each config's ``_attn_implementation`` is switched to a registered wrapper,
   ``adapterkit_prefix_<previous>``, which runs after the KV-cache update and calls the previous
   implementation. So the cache never stores the prefix, position ids and the caller's attention
   mask keep their lengths, and ``generate()`` runs unchanged with or without a cache.
-- MPNet and DeBERTa-v2, whose attention modules compute the scores themselves: forward hooks on the
-  attention module and its key/value projections insert the prefix. DeBERTa-v2 also gets an
-  instance-level override of ``disentangled_attention_bias`` that gives the prefix columns zero
-  relative-position bias.
+- Families whose attention modules compute the scores themselves get hook patches on the attention
+  module and its key/value projections instead: MPNet and DeBERTa-v2 in every supported
+  transformers version, and BERT, RoBERTa, ELECTRA, DistilBERT and T5 in transformers 4.x. The
+  configs of these families keep their implementation. With a KV cache (T5 and BERT-style
+  decoders), the patch prepends the prefix to what the cache returns, so the cache never stores it.
 
 In every family the prefix columns are always attended (padding and causal masks do not cover
 them) and get zero position bias (T5's relative bias, MPNet's and DeBERTa-v2's relative terms).
@@ -22,14 +23,17 @@ them) and get zero position bias (T5's relative bias, MPNet's and DeBERTa-v2's r
 
 from __future__ import annotations
 
+import inspect
 import sys
 import threading
 from collections.abc import Callable, Sequence
 
 import torch
+import transformers
 from torch import nn
 from torch.nn import functional as F
-from transformers import PreTrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import EncoderDecoderCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
@@ -42,11 +46,20 @@ PREFIX_SOURCE_ATTRIBUTE = "adapterkit_prefix_source"
 IMPLEMENTATION_PREFIX = "adapterkit_prefix_"
 _PATCH_ATTRIBUTE = "adapterkit_prefix_patch"
 
-# Modeling modules whose attention does not call the AttentionInterface, and the class of their
-# attention module that a hook patch supports.
-_HOOKED_ATTENTION_CLASSES = {
-    "transformers.models.mpnet.modeling_mpnet": "MPNetSelfAttention",
-    "transformers.models.deberta_v2.modeling_deberta_v2": "DisentangledSelfAttention",
+# Attention classes that a hook patch supports, by modeling module. A class gets the patch only
+# where its modeling module does not import ALL_ATTENTION_FUNCTIONS: MPNet and DeBERTa-v2 in
+# transformers 4.57 and 5, the others in 4.x only (transformers 5 moved them onto the interface).
+# Each value names a patch kind, and _PATCH_CLASSES at the end of this file maps it to the patch class.
+_HOOKED_ATTENTION_CLASSES: dict[str, dict[str, str]] = {
+    "transformers.models.mpnet.modeling_mpnet": {"MPNetSelfAttention": "mpnet"},
+    "transformers.models.deberta_v2.modeling_deberta_v2": {"DisentangledSelfAttention": "deberta-v2"},
+    "transformers.models.bert.modeling_bert": {"BertSelfAttention": "bert", "BertSdpaSelfAttention": "bert"},
+    "transformers.models.roberta.modeling_roberta": {"RobertaSelfAttention": "bert",
+                                                     "RobertaSdpaSelfAttention": "bert"},
+    "transformers.models.electra.modeling_electra": {"ElectraSelfAttention": "bert"},
+    "transformers.models.distilbert.modeling_distilbert": {"MultiHeadSelfAttention": "distilbert",
+                                                           "DistilBertSdpaAttention": "distilbert"},
+    "transformers.models.t5.modeling_t5": {"T5Attention": "t5"},
 }
 
 
@@ -149,10 +162,7 @@ def prefix_implementation(base_implementation: str) -> str:
     Raises:
         ValueError: If ``base_implementation`` is a flash, flex or paged implementation.
     """
-    if "flash" in base_implementation or "flex" in base_implementation or base_implementation.startswith("paged"):
-        raise ValueError(f"prefix attention cannot wrap attn_implementation={base_implementation!r}: these kernels "
-                         "take no dense attention mask, so the prefix columns cannot be added to it. Switch the model "
-                         "first, e.g. model.set_attn_implementation('sdpa') or 'eager'")
+    _check_implementation(base_implementation)
     name = IMPLEMENTATION_PREFIX + base_implementation
     if name not in AttentionInterface._global_mapping:
         AttentionInterface.register(name, PrefixAttentionFunction(base_implementation))
@@ -161,12 +171,20 @@ def prefix_implementation(base_implementation: str) -> str:
     return name
 
 
+def _check_implementation(implementation: str) -> None:
+    if "flash" in implementation or "flex" in implementation or implementation.startswith("paged"):
+        raise ValueError(f"prefix attention cannot wrap attn_implementation={implementation!r}: these kernels "
+                         "take no dense attention mask, so the prefix columns cannot be added to it. Switch the model "
+                         "first, e.g. model.set_attn_implementation('sdpa') or 'eager'")
+
+
 def enable_prefix_attention(model: nn.Module) -> None:
     """Route the attention of ``model`` through the prefix wrapper. Calling it again changes nothing.
 
-    Switches every config in the model (the configs of its submodels and their sub-configs) from
-    implementation ``X`` to ``adapterkit_prefix_X``, and installs the hook patches of MPNet and
-    DeBERTa-v2 attention modules. A module without a prefix source computes exactly what it computed
+    Switches the configs of submodels whose attention calls the ``AttentionInterface`` (and their
+    sub-configs) from implementation ``X`` to ``adapterkit_prefix_X``, and installs hook patches on
+    the attention modules of the other supported families (see the module docstring), whose configs
+    keep their implementation. A module without a prefix source computes exactly what it computed
     before (bitwise). Configs whose implementation is ``None`` are left as they are.
 
     ``model.set_attn_implementation`` afterwards replaces the wrapper, and the prefixes stop being
@@ -175,11 +193,16 @@ def enable_prefix_attention(model: nn.Module) -> None:
     Raises:
         ValueError: If a config uses a flash, flex or paged implementation.
         NotImplementedError: If a transformers submodel's attention does not call the
-            ``AttentionInterface`` and has no hook patch here (e.g. DeBERTa v1).
+            ``AttentionInterface`` and has no hook patch here (e.g. DeBERTa v1), or uses a setting that
+            the hook patch does not support.
     """
     _check_supported(model)
-    switches = []
+    switched = _model_configs(model, interface_only=True)
     for config in _model_configs(model):
+        if config._attn_implementation is not None and not any(config is other for other in switched):
+            _check_implementation(config._attn_implementation)
+    switches = []
+    for config in switched:
         current = config._attn_implementation
         if current is None or current.startswith(IMPLEMENTATION_PREFIX):
             continue
@@ -216,15 +239,22 @@ def is_prefix_attention_enabled(model: nn.Module) -> bool:
     return any(_PATCH_ATTRIBUTE in module.__dict__ for module in model.modules())
 
 
-def _model_configs(model: nn.Module) -> list[PreTrainedConfig]:
+def _model_configs(model: nn.Module, interface_only: bool = False) -> list[PretrainedConfig]:
     """Return each distinct config that a module of ``model`` holds, and their sub-configs.
 
     Some models copy their config for submodels (T5 copies it for the encoder and the decoder
     stacks), so the attention modules can read configs other than ``model.config``.
+
+    Args:
+        model: The model to search.
+        interface_only: Skip the configs held by modules of a transformers modeling module that does
+            not use the ``AttentionInterface``. Transformers 4.x BERT and DistilBERT read
+            ``_attn_implementation`` at forward time, so switching theirs would change their masks.
     """
-    pending = [module.config for module in model.modules() if isinstance(getattr(module, "config", None),
-                                                                          PreTrainedConfig)]
-    found: dict[int, PreTrainedConfig] = {}
+    pending = [module.config for module in model.modules()
+               if isinstance(getattr(module, "config", None), PretrainedConfig)
+               and (not interface_only or _uses_attention_interface(module))]
+    found: dict[int, PretrainedConfig] = {}
     while pending:
         config = pending.pop()
         if id(config) in found:
@@ -232,30 +262,47 @@ def _model_configs(model: nn.Module) -> list[PreTrainedConfig]:
         found[id(config)] = config
         for key in getattr(config, "sub_configs", {}) or {}:
             sub_config = getattr(config, key, None)
-            if isinstance(sub_config, PreTrainedConfig):
+            if isinstance(sub_config, PretrainedConfig):
                 pending.append(sub_config)
     return list(found.values())
+
+
+def _uses_attention_interface(module: nn.Module) -> bool:
+    """Return False for a module of a transformers modeling module that does not import ``ALL_ATTENTION_FUNCTIONS``."""
+    module_name = type(module).__module__
+    if not module_name.startswith("transformers.models."):
+        return True
+    return hasattr(sys.modules.get(module_name), "ALL_ATTENTION_FUNCTIONS")
 
 
 def _check_supported(model: nn.Module) -> None:
     for module in model.modules():
         module_name = type(module).__module__
-        if not isinstance(module, PreTrainedModel) or not module_name.startswith("transformers.models."):
+        if _uses_attention_interface(module):
             continue
-        modeling = sys.modules.get(module_name)
-        if module_name in _HOOKED_ATTENTION_CLASSES or hasattr(modeling, "ALL_ATTENTION_FUNCTIONS"):
-            continue
-        family = getattr(module.config, "model_type", module_name)
-        raise NotImplementedError(
-            f"prefix attention does not support the {family!r} family ({type(module).__name__}): its attention "
-            "computes the scores in its own forward instead of calling transformers' AttentionInterface, and "
-            "adapterkit has no hook patch for it. Supported without the interface: mpnet, deberta-v2")
+        if isinstance(module, PreTrainedModel) and module_name not in _HOOKED_ATTENTION_CLASSES:
+            family = getattr(module.config, "model_type", module_name)
+            raise NotImplementedError(
+                f"prefix attention does not support the {family!r} family ({type(module).__name__}) on transformers "
+                f"{transformers.__version__}: its attention computes the scores in its own forward instead of calling "
+                "transformers' AttentionInterface, and adapterkit has no hook patch for it. Hook patches exist for "
+                "mpnet and deberta-v2, and on transformers 4.x for bert, roberta, electra, distilbert and t5. "
+                "If transformers >= 5 moved this family onto the AttentionInterface, upgrading transformers fixes this")
+        position_type = getattr(module, "position_embedding_type", "absolute")
+        if _patch_class(module) is _BertPatch and position_type != "absolute":
+            raise NotImplementedError(
+                f"prefix attention does not support {type(module).__name__} with position_embedding_type="
+                f"{position_type!r} on transformers {transformers.__version__}: its relative position scores would "
+                "cover the prefix columns and shift the real ones. Use position_embedding_type='absolute' "
+                "(transformers >= 5 supports only that)")
 
 
 def _patch_class(module: nn.Module) -> type | None:
-    if _HOOKED_ATTENTION_CLASSES.get(type(module).__module__) != type(module).__name__:
+    """Return the hook patch class for ``module``, or ``None`` if it gets none."""
+    kind = _HOOKED_ATTENTION_CLASSES.get(type(module).__module__, {}).get(type(module).__name__)
+    if kind is None or _uses_attention_interface(module):
         return None
-    return _MPNetPatch if type(module).__name__ == "MPNetSelfAttention" else _DebertaV2Patch
+    return _PATCH_CLASSES[kind]
 
 
 # -- the wrapper around the AttentionInterface -----------------------------------------------------
@@ -299,6 +346,10 @@ class PrefixAttentionFunction:
         length = prefix_key.shape[2]
         if attention_mask is None and self.base_implementation == "sdpa":
             attention_mask = _sdpa_causal_mask(module, query, key, kwargs.get("is_causal"))
+            # That mask, or no mask when every key is visible, now gives the causal pattern. An is_causal=True
+            # left in kwargs (GPT-2 in transformers 4.57 passes one) would make SDPA apply its top-left
+            # pattern on top, or fail next to an explicit mask.
+            kwargs["is_causal"] = False
         if attention_mask is not None:
             attend = True if attention_mask.dtype == torch.bool else 0.0
             attention_mask = prepend_columns(attention_mask, length, attend)
@@ -316,7 +367,8 @@ class PrefixAttentionFunction:
         # The attention modules pass their own modeling module's eager function as the default,
         # and T5's takes position_bias, so the same default is looked up there.
         default = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-        function = ALL_ATTENTION_FUNCTIONS.get_interface(self.base_implementation, default)
+        # Mapping.get works on transformers 4.57 and 5, and get_interface exists only in 5.
+        function = ALL_ATTENTION_FUNCTIONS.get(self.base_implementation, default)
         if function is None:
             raise RuntimeError(f"{type(module).__module__} defines no eager_attention_forward, so prefix attention "
                                f"cannot run the {self.base_implementation!r} implementation for "
@@ -325,6 +377,9 @@ class PrefixAttentionFunction:
 
 
 def _call_upcast_and_reordered(module, query, key, value, attention_mask, **kwargs):
+    # Transformers 4.57 passes head_mask, and its method takes it as a fifth argument; 5.x has neither.
+    if kwargs.get("head_mask") is not None:
+        return module._upcast_and_reordered_attn(query, key, value, attention_mask, kwargs["head_mask"])
     return module._upcast_and_reordered_attn(query, key, value, attention_mask)
 
 
@@ -336,7 +391,12 @@ def _sdpa_causal_mask(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     q_len = query.shape[2]
     if not is_causal or q_len == 1:
         return None
-    return torch.ones(q_len, key.shape[2], dtype=torch.bool, device=query.device).tril()[None, None]
+    return _top_left_causal_mask(q_len, key.shape[2], query.device)
+
+
+def _top_left_causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """Return SDPA's ``is_causal`` pattern as a boolean ``(1, 1, q_len, k_len)`` mask, query ``i`` to keys ``0..i``."""
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril()[None, None]
 
 
 def prepend_columns(tensor: torch.Tensor, count: int, fill: float | bool) -> torch.Tensor:
@@ -347,11 +407,41 @@ def prepend_columns(tensor: torch.Tensor, count: int, fill: float | bool) -> tor
 
 # -- hook patches for attention modules outside the interface --------------------------------------
 
+class _ForwardArguments:
+    """Reads and replaces the arguments of a module's forward call by parameter name.
+
+    Callers pass an argument by position or by keyword, and transformers versions order the
+    parameters differently: MPNet's ``position_bias`` is the third parameter in 5.x and the fourth
+    in 4.57. So the positions are read once from the signature of the module's forward.
+    """
+
+    def __init__(self, module: nn.Module):
+        # The signature of the class's function starts with self, which callers do not pass.
+        parameters = list(inspect.signature(type(module).forward).parameters.values())[1:]
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        self.positions = {parameter.name: index for index, parameter in enumerate(parameters)
+                          if parameter.kind in positional}
+
+    def get(self, args: Sequence, kwargs: dict, name: str):
+        index = self.positions.get(name)
+        if index is not None and index < len(args):
+            return args[index]
+        return kwargs.get(name)
+
+    def set(self, args: list, kwargs: dict, name: str, value) -> None:
+        index = self.positions.get(name)
+        if index is not None and index < len(args):
+            args[index] = value
+        else:
+            kwargs[name] = value
+
+
 class _HookPatch:
     """Hooks on one attention module that computes the scores itself. Per-forward state is thread-local."""
 
     def __init__(self, module: nn.Module):
         self.module = module
+        self._arguments = _ForwardArguments(module)
         self._state = threading.local()
         self._handles = []
 
@@ -382,6 +472,26 @@ class _HookPatch:
         setattr(self._state, name, None)
         return rows
 
+    # Projection hooks. The "replace" pair overwrites the zero rows that a pre-hook put before the
+    # projection's input, and the "prepend" pair adds rows before the projection's output. Each takes
+    # the rows once per forward, so a second call of the same projection passes through.
+
+    def _replace_key_rows(self, linear: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        rows = self._take("key_rows")
+        return None if rows is None else torch.cat([rows, output[:, rows.shape[1]:]], dim=1)
+
+    def _replace_value_rows(self, linear: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        rows = self._take("value_rows")
+        return None if rows is None else torch.cat([rows, output[:, rows.shape[1]:]], dim=1)
+
+    def _prepend_key_rows(self, linear: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        rows = self._take("key_rows")
+        return None if rows is None else torch.cat([rows, output], dim=1)
+
+    def _prepend_value_rows(self, linear: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        rows = self._take("value_rows")
+        return None if rows is None else torch.cat([rows, output], dim=1)
+
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_state"] = None  # thread-local storage cannot be pickled or copied
@@ -393,14 +503,14 @@ class _HookPatch:
 
 
 class _MPNetPatch(_HookPatch):
-    """Prefix attention for ``MPNetSelfAttention`` (transformers 5.25) through hooks.
+    """Prefix attention for ``MPNetSelfAttention`` (transformers 4.57 and 5) through hooks.
 
-    MPNet reshapes its keys with the query's sequence length, so the key projection cannot return
-    more rows than the input has. The pre-hook therefore puts ``length`` zero rows before the hidden
-    states, and rows and columns of 0 before the mask and the relative position bias, so the prefix
-    columns are attended without bias. The key/value projection hooks replace those rows with the
-    prefix, and the output hook drops the extra query rows. The real query rows get exactly
-    ``softmax(q [P_k; K]^T / sqrt(d) + [0, bias] + [0, mask]) [P_v; V]``.
+    MPNet in transformers 5 reshapes its keys with the query's sequence length, so the key projection
+    cannot return more rows than the input has. The pre-hook therefore puts ``length`` zero rows
+    before the hidden states, and rows and columns of 0 before the mask and the relative position
+    bias, so the prefix columns are attended without bias. The key/value projection hooks replace
+    those rows with the prefix, and the output hook drops the extra query rows. The real query rows
+    get exactly ``softmax(q [P_k; K]^T / sqrt(d) + [0, bias] + [0, mask]) [P_v; V]``.
 
     NOTE: when the module has a source, the pre-hook runs the query projection once more to hand the
     query to the source, and the padded rows cost ``length`` extra query rows.
@@ -416,7 +526,7 @@ class _MPNetPatch(_HookPatch):
         ]
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        hidden_states = _argument(args, kwargs, 0, "hidden_states")
+        hidden_states = self._arguments.get(args, kwargs, "hidden_states")
         batch, length, _ = hidden_states.shape
         query = module.q(hidden_states).view(batch, length, -1, module.attention_head_size).transpose(1, 2)
         if self._begin(module, query) is None:
@@ -424,21 +534,13 @@ class _MPNetPatch(_HookPatch):
         count = self._state.length
         args, kwargs = list(args), dict(kwargs)
         hidden_states = torch.cat([hidden_states.new_zeros(batch, count, hidden_states.shape[-1]), hidden_states], 1)
-        _set_argument(args, kwargs, 0, "hidden_states", hidden_states)
-        for index, name in ((1, "attention_mask"), (2, "position_bias")):
-            tensor = _argument(args, kwargs, index, name)
+        self._arguments.set(args, kwargs, "hidden_states", hidden_states)
+        for name in ("attention_mask", "position_bias"):
+            tensor = self._arguments.get(args, kwargs, name)
             if tensor is not None:
                 fill = True if tensor.dtype == torch.bool else 0.0
-                _set_argument(args, kwargs, index, name, _prepend_rows_and_columns(tensor, count, length, fill))
+                self._arguments.set(args, kwargs, name, _prepend_rows_and_columns(tensor, count, length, fill))
         return tuple(args), kwargs
-
-    def _replace_key_rows(self, linear: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        rows = self._take("key_rows")
-        return None if rows is None else torch.cat([rows, output[:, rows.shape[1]:]], dim=1)
-
-    def _replace_value_rows(self, linear: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        rows = self._take("value_rows")
-        return None if rows is None else torch.cat([rows, output[:, rows.shape[1]:]], dim=1)
 
     def _after(self, module: nn.Module, args: tuple, output: tuple) -> tuple | None:
         count = getattr(self._state, "length", 0)
@@ -454,7 +556,7 @@ class _MPNetPatch(_HookPatch):
 
 
 class _DebertaV2Patch(_HookPatch):
-    """Prefix attention for DeBERTa-v2's ``DisentangledSelfAttention`` (transformers 5.25) through hooks.
+    """Prefix attention for DeBERTa-v2's ``DisentangledSelfAttention`` (transformers 4.57 and 5) through hooks.
 
     The key/value projection hooks put the prefix rows before the projected keys and values, and the
     pre-hook prepends attended columns to the mask. An instance attribute overrides
@@ -471,6 +573,8 @@ class _DebertaV2Patch(_HookPatch):
         self._handles = [
             module.register_forward_pre_hook(self._before, with_kwargs=True),
             module.register_forward_hook(self._after),
+            # With share_att_key the bias computation calls key_proj again on the relative
+            # embeddings, and that second call passes through because the rows are taken once.
             module.key_proj.register_forward_hook(self._prepend_key_rows),
             module.value_proj.register_forward_hook(self._prepend_value_rows),
         ]
@@ -481,28 +585,18 @@ class _DebertaV2Patch(_HookPatch):
         super().remove()
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        hidden_states = _argument(args, kwargs, 0, "hidden_states")
-        query_states = _argument(args, kwargs, 3, "query_states")
+        hidden_states = self._arguments.get(args, kwargs, "hidden_states")
+        query_states = self._arguments.get(args, kwargs, "query_states")
         query_input = hidden_states if query_states is None else query_states
         batch, length, _ = query_input.shape
         query = module.query_proj(query_input).view(batch, length, module.num_attention_heads, -1).transpose(1, 2)
         if self._begin(module, query) is None:
             return None
         args, kwargs = list(args), dict(kwargs)
-        mask = _argument(args, kwargs, 1, "attention_mask")
+        mask = self._arguments.get(args, kwargs, "attention_mask")
         # DeBERTa-v2 attends where mask.bool() is True, so 1 marks the prefix columns as attended.
-        _set_argument(args, kwargs, 1, "attention_mask", prepend_columns(mask, self._state.length, 1))
+        self._arguments.set(args, kwargs, "attention_mask", prepend_columns(mask, self._state.length, 1))
         return tuple(args), kwargs
-
-    def _prepend_key_rows(self, linear: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        # Only the first call takes the rows, because with share_att_key the bias computation calls
-        # key_proj again on the relative embeddings.
-        rows = self._take("key_rows")
-        return None if rows is None else torch.cat([rows, output], dim=1)
-
-    def _prepend_value_rows(self, linear: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        rows = self._take("value_rows")
-        return None if rows is None else torch.cat([rows, output], dim=1)
 
     def _relative_attention_bias(self, query_layer: torch.Tensor, key_layer: torch.Tensor, relative_pos,
                                  rel_embeddings: torch.Tensor, scale_factor: int):
@@ -519,15 +613,273 @@ class _DebertaV2Patch(_HookPatch):
         self._state.length = 0
 
 
-def _argument(args: Sequence, kwargs: dict, index: int, name: str):
-    return args[index] if len(args) > index else kwargs.get(name)
+class _DistilBertPatch(_HookPatch):
+    """Prefix attention for DistilBERT's ``MultiHeadSelfAttention`` and SDPA subclass (transformers 4.x) through hooks.
+
+    The eager forward reshapes the mask with the length of its ``key`` input. So the pre-hook puts
+    ``length`` zero rows before the ``key`` and ``value`` inputs and attended columns before the
+    mask, and the key/value projection hooks replace those rows with the prefix. The ``query``
+    input keeps its length, so the output keeps its shape.
+
+    NOTE: when the module has a source, the pre-hook runs the query projection once more to hand the
+    query to the source.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__(module)
+        self._handles = [
+            module.register_forward_pre_hook(self._before, with_kwargs=True),
+            module.register_forward_hook(self._after),
+            module.k_lin.register_forward_hook(self._replace_key_rows),
+            module.v_lin.register_forward_hook(self._replace_value_rows),
+        ]
+
+    def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        query_input = self._arguments.get(args, kwargs, "query")
+        batch, length, _ = query_input.shape
+        query = module.q_lin(query_input).view(batch, length, module.n_heads, -1).transpose(1, 2)
+        if self._begin(module, query) is None:
+            return None
+        count = self._state.length
+        args, kwargs = list(args), dict(kwargs)
+        for name in ("key", "value"):
+            states = self._arguments.get(args, kwargs, name)
+            padded = torch.cat([states.new_zeros(states.shape[0], count, states.shape[-1]), states], dim=1)
+            self._arguments.set(args, kwargs, name, padded)
+        mask = self._arguments.get(args, kwargs, "mask")
+        if mask is not None:
+            # The eager forward takes a (batch, k_len) mask with 1 on real tokens, and the SDPA one a
+            # 4-D additive or boolean mask.
+            if mask.dtype == torch.bool:
+                fill = True
+            elif mask.dim() == 2:
+                fill = 1
+            else:
+                fill = 0.0
+            self._arguments.set(args, kwargs, "mask", prepend_columns(mask, count, fill))
+        return tuple(args), kwargs
+
+    def _after(self, module: nn.Module, args: tuple, output: tuple) -> None:
+        self._state.length = 0
 
 
-def _set_argument(args: list, kwargs: dict, index: int, name: str, value) -> None:
-    if len(args) > index:
-        args[index] = value
-    else:
-        kwargs[name] = value
+class _CachedAttentionPatch(_HookPatch):
+    """Base of the hook patches for transformers 4.x attention modules that may read and update a KV cache.
+
+    These modules (BERT-style self-attention and T5Attention) view their keys and values with ``-1``
+    as the sequence length. Without a cache, the key/value projection hooks put the prefix rows before
+    the projected rows. With a cache, the projections' outputs go to the cache unchanged, and for the
+    duration of the forward:
+
+    - an instance attribute ``update`` shadows the cache's method and returns the prefix before the
+      keys and values that the cache returns;
+    - when cross-attention reads its stored keys without calling ``update``, the entry of
+      ``cache.layers`` that it reads is swapped for one that contains the prefixed tensors.
+
+    The forward hook undoes both, also when the forward raises, so the cache never stores the prefix.
+    Subclasses name the projections and the cross-attention input, and extend the mask.
+    """
+
+    query_projection = ""
+    key_projection = ""
+    value_projection = ""
+    cross_attention_input = ""
+
+    def __init__(self, module: nn.Module):
+        super().__init__(module)
+        self._handles = [
+            module.register_forward_pre_hook(self._before, with_kwargs=True),
+            module.register_forward_hook(self._after, always_call=True),
+            getattr(module, self.key_projection).register_forward_hook(self._prepend_key_rows),
+            getattr(module, self.value_projection).register_forward_hook(self._prepend_value_rows),
+        ]
+
+    def _query(self, module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Return the query ``(batch, heads, q_len, head_dim)`` that the module computes from ``hidden_states``."""
+        raise NotImplementedError
+
+    def _extend_arguments(self, module: nn.Module, args: list, kwargs: dict, query: torch.Tensor,
+                          is_cross_attention: bool, layer_cache) -> None:
+        """Prepend the attended prefix columns to the mask (and bias) arguments, in place."""
+        raise NotImplementedError
+
+    def _trim_output(self, output: tuple, count: int) -> tuple | None:
+        """Return the module's output without what the prefix added to it, or ``None`` to keep it."""
+        return None
+
+    def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        self._undo_cache_changes()
+        query = self._query(module, self._arguments.get(args, kwargs, "hidden_states"))
+        prefix = self._begin(module, query)
+        if prefix is None:
+            return None
+        args, kwargs = list(args), dict(kwargs)
+        is_cross_attention = self._arguments.get(args, kwargs, self.cross_attention_input) is not None
+        cache = self._arguments.get(args, kwargs, "past_key_values")
+        if cache is None:
+            # Transformers 4.57 still accepts the deprecated name and renames it inside the forward.
+            cache = kwargs.get("past_key_value")
+        layer_cache = None
+        if cache is not None:
+            self._state.key_rows = None
+            self._state.value_rows = None
+            layer_cache = self._route_through_cache(module, cache, is_cross_attention, prefix)
+        self._extend_arguments(module, args, kwargs, query, is_cross_attention, layer_cache)
+        return tuple(args), kwargs
+
+    def _route_through_cache(self, module: nn.Module, cache, is_cross_attention: bool,
+                             prefix: tuple[torch.Tensor, torch.Tensor]):
+        """Make the keys and values that the module reads from ``cache`` start with ``prefix``.
+
+        Returns:
+            The cache of the module's layer kind: the self-attention or cross-attention part of an
+            ``EncoderDecoderCache``, or ``cache`` itself.
+        """
+        prefix_key, prefix_value = prefix
+        index = module.layer_idx
+        # The same choice of cache and of the read-only path as the modules' forward.
+        layer_cache, reuses_stored = cache, False
+        if isinstance(cache, EncoderDecoderCache):
+            layer_cache = cache.cross_attention_cache if is_cross_attention else cache.self_attention_cache
+            reuses_stored = is_cross_attention and bool(cache.is_updated.get(index))
+        if reuses_stored:
+            layers = layer_cache.layers
+            stored = layers[index]
+            layers[index] = _PrefixedCacheLayer(torch.cat([prefix_key, stored.keys], dim=2),
+                                                torch.cat([prefix_value, stored.values], dim=2))
+            self._state.undo = lambda: layers.__setitem__(index, stored)
+            return layer_cache
+        class_update = type(layer_cache).update
+
+        def update(key_states, value_states, layer_idx, cache_kwargs=None):
+            keys, values = class_update(layer_cache, key_states, value_states, layer_idx, cache_kwargs)
+            return torch.cat([prefix_key, keys], dim=2), torch.cat([prefix_value, values], dim=2)
+
+        layer_cache.update = update
+        self._state.undo = lambda: layer_cache.__dict__.pop("update", None)
+        return layer_cache
+
+    def _undo_cache_changes(self) -> None:
+        undo = getattr(self._state, "undo", None)
+        self._state.undo = None
+        if undo is not None:
+            undo()
+
+    def _after(self, module: nn.Module, args: tuple, output) -> tuple | None:
+        # Registered with always_call=True, so it also runs (with output None) when the forward raises.
+        count = getattr(self._state, "length", 0)
+        self._undo_cache_changes()
+        self._state.length = 0
+        self._state.key_rows = None
+        self._state.value_rows = None
+        if not count or output is None:
+            return None
+        return self._trim_output(output, count)
+
+
+class _PrefixedCacheLayer:
+    """A stand-in for a cache layer: its ``keys`` and ``values`` with the prefix before them.
+
+    Both are ``(batch, heads, prefix + k_len, head_dim)``.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.keys = keys
+        self.values = values
+
+
+class _BertPatch(_CachedAttentionPatch):
+    """Prefix attention for BERT-style self-attention in transformers 4.x through hooks.
+
+    Covers ``BertSelfAttention``, ``BertSdpaSelfAttention`` and their RoBERTa and ELECTRA copies. The
+    mask gets attended columns for the prefix. The SDPA class applies SDPA's top-left ``is_causal``
+    when a decoder passes no mask, so in that case the pre-hook passes that pattern as an explicit
+    mask with the prefix columns before it.
+
+    NOTE: when the module has a source, the pre-hook runs the query projection once more to hand the
+    query to the source.
+    """
+
+    query_projection = "query"
+    key_projection = "key"
+    value_projection = "value"
+    cross_attention_input = "encoder_hidden_states"
+
+    def _query(self, module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = hidden_states.shape
+        query = module.query(hidden_states)
+        return query.view(batch, length, module.num_attention_heads, module.attention_head_size).transpose(1, 2)
+
+    def _extend_arguments(self, module: nn.Module, args: list, kwargs: dict, query: torch.Tensor,
+                          is_cross_attention: bool, layer_cache) -> None:
+        mask = self._arguments.get(args, kwargs, "attention_mask")
+        q_len = query.shape[2]
+        # BertSdpaSelfAttention runs eager code with output_attentions or a head_mask. Otherwise it calls SDPA
+        # with is_causal=True when a decoder's self-attention gets no mask and more than one query.
+        runs_sdpa = (type(module).__name__.endswith("SdpaSelfAttention")
+                     and not self._arguments.get(args, kwargs, "output_attentions")
+                     and self._arguments.get(args, kwargs, "head_mask") is None)
+        if mask is None and runs_sdpa and module.is_decoder and not is_cross_attention and q_len > 1:
+            past_length = 0 if layer_cache is None else layer_cache.get_seq_length(module.layer_idx)
+            mask = _top_left_causal_mask(q_len, past_length + q_len, query.device)
+        if mask is not None:
+            fill = True if mask.dtype == torch.bool else 0.0
+            self._arguments.set(args, kwargs, "attention_mask", prepend_columns(mask, self._state.length, fill))
+
+
+class _T5Patch(_CachedAttentionPatch):
+    """Prefix attention for ``T5Attention`` in transformers 4.x through hooks.
+
+    The module adds one tensor to its scores: ``position_bias``, which it computes in its first layer
+    as relative bias plus mask and returns for the next layers to reuse. The pre-hook prepends zero
+    columns to the mask and to a given ``position_bias``. An instance attribute overrides
+    ``compute_bias`` to compute the relative bias on the real key length only and give the prefix
+    columns zero bias. The forward hook drops the prefix columns from the returned bias, so the next
+    layers get the same bias as without a prefix.
+
+    NOTE: when the module has a source, the pre-hook runs the query projection once more to hand the
+    query to the source.
+    """
+
+    query_projection = "q"
+    key_projection = "k"
+    value_projection = "v"
+    cross_attention_input = "key_value_states"
+
+    def __init__(self, module: nn.Module):
+        super().__init__(module)
+        module.compute_bias = self._compute_bias
+
+    def remove(self) -> None:
+        self.module.__dict__.pop("compute_bias", None)
+        super().remove()
+
+    def _query(self, module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = hidden_states.shape
+        return module.q(hidden_states).view(batch, length, module.n_heads, module.key_value_proj_dim).transpose(1, 2)
+
+    def _extend_arguments(self, module: nn.Module, args: list, kwargs: dict, query: torch.Tensor,
+                          is_cross_attention: bool, layer_cache) -> None:
+        for name in ("mask", "position_bias"):
+            tensor = self._arguments.get(args, kwargs, name)
+            if tensor is not None:
+                fill = True if tensor.dtype == torch.bool else 0.0
+                self._arguments.set(args, kwargs, name, prepend_columns(tensor, self._state.length, fill))
+
+    def _compute_bias(self, query_length: int, key_length: int, device=None, cache_position=None) -> torch.Tensor:
+        count = getattr(self._state, "length", 0)
+        method = type(self.module).compute_bias
+        bias = method(self.module, query_length, key_length - count, device=device, cache_position=cache_position)
+        return F.pad(bias, (count, 0)) if count else bias
+
+    def _trim_output(self, output: tuple, count: int) -> tuple:
+        # output is (attention output, position bias (batch or 1, heads, q_len, prefix + k_len)) plus the
+        # probabilities when output_attentions is set.
+        return (output[0], output[1][..., count:]) + tuple(output[2:])
+
+
+_PATCH_CLASSES = {"mpnet": _MPNetPatch, "deberta-v2": _DebertaV2Patch, "distilbert": _DistilBertPatch,
+                  "bert": _BertPatch, "t5": _T5Patch}
 
 
 def _prepend_rows_and_columns(tensor: torch.Tensor, count: int, query_length: int, fill: float | bool) -> torch.Tensor:

@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 import transformers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
 import adapterkit
 from adapterkit.training.trainer import CHECKPOINT_FILE
@@ -32,7 +33,18 @@ def make_texts(count, seed, labels=("good", "bad")):
 
 @pytest.fixture
 def tokenizer():
-    return transformers.BertTokenizer(vocab={word: index for index, word in enumerate(VOCABULARY)})
+    """A lowercasing whitespace word-level tokenizer over VOCABULARY that adds [CLS] and [SEP], built offline.
+
+    Built from a ``tokenizers`` backend because ``BertTokenizer(vocab=dict)`` works only on transformers 5.
+    """
+    vocabulary = {word: index for index, word in enumerate(VOCABULARY)}
+    backend = Tokenizer(models.WordLevel(vocabulary, unk_token="[UNK]"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocabulary["[CLS]"]), ("[SEP]", vocabulary["[SEP]"])])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                                cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
 
 
 @pytest.fixture
