@@ -114,11 +114,15 @@ class ArchitectureSpec:
             token and position embeddings, for invertible adapters.
         final: Path of the module whose output (a tensor, or a model output whose first item is the
             tensor) is the last hidden state that the head reads.
+        embeddings_scope: Path of a module that must be running for the ``embeddings`` hook to act, when
+            the embedding module is shared: T5's encoder and decoder share one embedding module in
+            transformers 4.57, and invertible adapters transform the encoder input only.
     """
 
     stacks: tuple[StackSpec, ...]
     embeddings: str | None = None
     final: str | None = None
+    embeddings_scope: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stacks, StackSpec):
@@ -303,7 +307,8 @@ def _t5_stack(stack: str, config: Any) -> StackSpec:
 
 def _t5(config: Any) -> ArchitectureSpec:
     return ArchitectureSpec(stacks=(_t5_stack("encoder", config), _t5_stack("decoder", config)),
-                            embeddings="encoder.embed_tokens", final="decoder.final_layer_norm")
+                            embeddings="encoder.embed_tokens", final="decoder.final_layer_norm",
+                            embeddings_scope="encoder")
 
 
 def _bart_stack(stack: str) -> StackSpec:

@@ -383,15 +383,32 @@ class PrefixSite(Site):
 
 
 class EmbeddingSite(Site):
-    """Invertible adapters on the output of the embedding module."""
+    """Invertible adapters on the output of the embedding module.
 
-    def __init__(self, key: SiteKey, embeddings: nn.Module, lookup: Lookup):
+    Args:
+        key: ``("embeddings",)``.
+        embeddings: The module whose output is the embedding output.
+        lookup: Called at every forward to get the adapters that run here.
+        scope: When given, the adapters act only while this module's forward runs, for an embedding
+            module that other stacks call too.
+    """
+
+    def __init__(self, key: SiteKey, embeddings: nn.Module, lookup: Lookup, scope: nn.Module | None = None):
         super().__init__(key, lookup)
+        self.scoped = scope is not None
         self._handles = [embeddings.register_forward_hook(self._transform)]
+        if scope is not None:
+            self._handles += [scope.register_forward_pre_hook(self._enter), scope.register_forward_hook(self._leave)]
+
+    def _enter(self, module: nn.Module, args: tuple) -> None:
+        self._captured.depth = getattr(self._captured, "depth", 0) + 1
+
+    def _leave(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._captured.depth = max(getattr(self._captured, "depth", 1) - 1, 0)
 
     def _transform(self, module: nn.Module, args: tuple, output: Any) -> Any:
         adapters = self.lookup(self.key)
-        if not adapters:
+        if not adapters or (self.scoped and not getattr(self._captured, "depth", 0)):
             return None
         hidden = first_tensor(output)
         for _, adapter in adapters:

@@ -177,7 +177,8 @@ class AdapterRegistry:
             path = stack.attention_module if key[2] == "self" else stack.cross_attention_module
             return PrefixSite(key, block.get_submodule(path), stack.causal, self.lookup)
         if kind == "embeddings":
-            return EmbeddingSite(key, layout.submodule(self.spec.embeddings), self.lookup)
+            scope = layout.submodule(self.spec.embeddings_scope) if self.spec.embeddings_scope else None
+            return EmbeddingSite(key, layout.submodule(self.spec.embeddings), self.lookup, scope=scope)
         if kind == "final":
             return FinalSite(key, layout.submodule(self.spec.final), invert=self._has_tied_lm_head(), lookup=self.lookup)
         if kind == "prompt":
