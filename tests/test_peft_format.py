@@ -268,10 +268,14 @@ def test_prefix_from_peft_matches_shifted(family, model_class, task, tiny_model,
     expected = _outputs(peft_model, ids)
 
     assert offset == PREFIX_LENGTH
-    assert checkpoint.config == PrefixTuningConfig(prefix_length=PREFIX_LENGTH, flat=True)
+    assert checkpoint.config == PrefixTuningConfig(prefix_length=PREFIX_LENGTH, flat=True, shift_positions=True)
+    _assert_close(_outputs(model, ids), expected, _outputs(base, ids))
     positions = _shifted_positions(model, ids, offset)
     _assert_close(_outputs(model, ids, position_ids=positions), expected, _outputs(base, ids))
-    # Without the shift the outputs differ: the prefix does not move adapterkit's positions.
+    # Without the shift the outputs differ: an unshifted prefix does not move the positions.
+    model.add_adapter("unshifted", checkpoint.config.replace(shift_positions=False))
+    model._adapterkit.modules_of("unshifted").load_state_dict(model._adapterkit.modules_of("peft").state_dict())
+    model.set_active_adapters("unshifted")
     assert (_outputs(model, ids) - expected).abs().max().item() > MIN_EFFECT
 
 
@@ -613,3 +617,24 @@ def test_write_rejects_ia3_on_ff_out_output(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="ff_out_side='output'"):
         model.save_adapter(tmp_path, "scale", format="peft")
     assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_prefix_shift_with_padding_matches_peft(tiny_model, tmp_path):
+    base = _body_model(tiny_model, "roberta", transformers.AutoModel)
+    ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 1, 1]])  # 1 is RoBERTa's pad token here
+    mask = ids.ne(1).long()
+    config = peft.PrefixTuningConfig(num_virtual_tokens=PREFIX_LENGTH, task_type="FEATURE_EXTRACTION")
+    peft_model = _peft_reference(base, config, tmp_path, ("prompt_encoder",))
+
+    model, _ = _load_with_adapterkit(base, tmp_path)
+
+    expected = _outputs(peft_model, ids, attention_mask=mask)
+    actual = _outputs(model, ids, attention_mask=mask)
+    assert (actual[mask.bool()] - expected[mask.bool()]).abs().max().item() < TOLERANCE
+
+
+def test_prefix_shift_rejected_without_position_rule(tiny_model):
+    model = adapterkit.init(tiny_model("t5"))
+
+    with pytest.raises(ValueError, match="no position_ids rule"):
+        model.add_adapter("shifted", PrefixTuningConfig(prefix_length=2, shift_positions=True))

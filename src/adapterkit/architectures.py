@@ -117,12 +117,17 @@ class ArchitectureSpec:
         embeddings_scope: Path of a module that must be running for the ``embeddings`` hook to act, when
             the embedding module is shared: T5's encoder and decoder share one embedding module in
             transformers 4.57, and invertible adapters transform the encoder input only.
+        position_ids: How the model numbers positions when it gets no ``position_ids``: ``"arange"``
+            (past length onwards) or ``"padding_offset"`` (RoBERTa: real tokens counted from
+            ``pad_token_id + 1``, padding at ``pad_token_id``). ``None`` when the family uses relative
+            positions or another rule; prefix tuning with ``shift_positions`` needs it.
     """
 
     stacks: tuple[StackSpec, ...]
     embeddings: str | None = None
     final: str | None = None
     embeddings_scope: str | None = None
+    position_ids: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stacks, StackSpec):
@@ -160,14 +165,19 @@ def _bert_like_stack(layers: str = "encoder.layer", self_attention: str = "atten
 
 
 def _bert_like(config: Any) -> ArchitectureSpec:
-    return ArchitectureSpec(stacks=(_bert_like_stack(),), embeddings="embeddings", final="encoder")
+    positions = "padding_offset" if getattr(config, "model_type", "") == "roberta" else "arange"
+    if getattr(config, "position_embedding_type", "absolute") != "absolute":
+        positions = None
+    return ArchitectureSpec(stacks=(_bert_like_stack(),), embeddings="embeddings", final="encoder",
+                            position_ids=positions)
 
 
 def _electra(config: Any) -> ArchitectureSpec:
     # ELECTRA projects embeddings of another width to the hidden size after the embeddings module.
     projected = getattr(config, "embedding_size", config.hidden_size) != config.hidden_size
     return ArchitectureSpec(stacks=(_bert_like_stack(),),
-                            embeddings="embeddings_project" if projected else "embeddings", final="encoder")
+                            embeddings="embeddings_project" if projected else "embeddings", final="encoder",
+                            position_ids="arange")
 
 
 def _deberta_v2(config: Any) -> ArchitectureSpec:
@@ -231,7 +241,7 @@ def _gpt2(config: Any) -> ArchitectureSpec:
         causal=True,
         name="decoder",
     )
-    return ArchitectureSpec(stacks=(stack,), embeddings="drop", final="ln_f")
+    return ArchitectureSpec(stacks=(stack,), embeddings="drop", final="ln_f", position_ids="arange")
 
 
 def _llama_like_stack(layers: str = "layers", sandwich_norms: bool = False) -> StackSpec:
@@ -261,12 +271,13 @@ def _llama_like_stack(layers: str = "layers", sandwich_norms: bool = False) -> S
 
 
 def _llama_like(config: Any) -> ArchitectureSpec:
-    return ArchitectureSpec(stacks=(_llama_like_stack(),), embeddings="embed_tokens", final="norm")
+    return ArchitectureSpec(stacks=(_llama_like_stack(),), embeddings="embed_tokens", final="norm",
+                            position_ids="arange")
 
 
 def _gemma3_text(config: Any) -> ArchitectureSpec:
     return ArchitectureSpec(stacks=(_llama_like_stack(sandwich_norms=True),), embeddings="embed_tokens",
-                            final="norm")
+                            final="norm", position_ids="arange")
 
 
 def _gemma3(config: Any) -> ArchitectureSpec:

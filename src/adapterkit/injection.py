@@ -458,6 +458,52 @@ def arguments_by_name(names: tuple[str, ...], args: tuple, kwargs: dict, module:
     return {**dict(zip(names, args)), **kwargs}
 
 
+class PositionShiftSite(Site):
+    """Number the real tokens after the prefix, for prefix tuning with ``shift_positions``.
+
+    A forward pre-hook on the base model fills in ``position_ids`` when the caller gave none, as the
+    model itself would with a KV cache ``shift`` tokens longer (the sum of the active shifted
+    prefixes' lengths). Explicit ``position_ids`` are left alone.
+
+    Args:
+        key: ``("positions",)``.
+        base_model: The model's base model, whose forward takes ``position_ids``.
+        rule: ``"arange"`` or ``"padding_offset"`` (see ``ArchitectureSpec.position_ids``).
+        padding_idx: The pad token id, for ``"padding_offset"``.
+        lookup: Called at every forward to get ``(config, prefix_length)`` pairs.
+    """
+
+    def __init__(self, key: SiteKey, base_model: nn.Module, rule: str, padding_idx: int | None, lookup: Lookup):
+        super().__init__(key, lookup)
+        self.rule = rule
+        self.padding_idx = padding_idx
+        self._arguments = positional_names(base_model)
+        self._handles = [base_model.register_forward_pre_hook(self._shift, with_kwargs=True)]
+
+    def _shift(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        shift = sum(length for _, length in self.lookup(self.key))
+        if not shift:
+            return None
+        inputs = arguments_by_name(self._arguments, args, kwargs, module)
+        if inputs.get("position_ids") is not None:
+            return None
+        input_ids, embeds = inputs.get("input_ids"), inputs.get("inputs_embeds")
+        reference = input_ids if input_ids is not None else embeds
+        if reference is None:
+            return None
+        cache = next((inputs[k] for k in _CACHE_KEYWORDS if inputs.get(k) is not None), None)
+        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        batch, length = reference.shape[0], reference.shape[1]
+        if self.rule == "padding_offset" and input_ids is not None:
+            real = input_ids.ne(self.padding_idx).long()
+            positions = (torch.cumsum(real, dim=1) + past + shift) * real + self.padding_idx
+        else:
+            start = past + shift + (self.padding_idx + 1 if self.rule == "padding_offset" else 0)
+            positions = torch.arange(start, start + length, device=reference.device).expand(batch, length)
+        inputs["position_ids"] = positions
+        return (), inputs
+
+
 class PromptSite(Site):
     """Prompt tuning: the virtual tokens before the input embeddings (see ``methods.prompt``).
 

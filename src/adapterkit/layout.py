@@ -111,6 +111,9 @@ def check_fits(layout: ModelLayout, config: MethodConfig) -> None:
                                      f"no {role!r} projection in the {', '.join(missing)} blocks; remove it from "
                                      "targets or add it to the description's projections")
         elif isinstance(member, PrefixTuningConfig):
+            if member.shift_positions and layout.spec.position_ids is None:
+                raise ValueError(f"shift_positions=True, but the {layout.family!r} description names no position_ids "
+                                 "rule (families with relative positions have none); use shift_positions=False")
             if not layout.prefix_stacks(member):
                 raise ValueError(f"The {layout.family!r} description names no attention module for prefix tuning "
                                  "in any block that the config keeps; set StackSpec.attention_module")
@@ -260,6 +263,8 @@ def placements(layout: ModelLayout, config: MethodConfig, tree: nn.ModuleDict) -
         for key, _, blocks in layout.prefix_stacks(config):
             kind = "cross" if key == "cross" else "self"
             found.extend((("prefix", index, kind), (tree["prefix"][key], row)) for row, index in enumerate(blocks))
+        if config.shift_positions:
+            found.append((("positions",), config.prefix_length))
     elif isinstance(config, PromptTuningConfig):
         found.append((("prompt",), tree["prompt"]))
     elif isinstance(config, InvertibleConfig):

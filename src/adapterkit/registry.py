@@ -19,7 +19,8 @@ from torch import nn
 from .architectures import ArchitectureSpec
 from .config import MethodConfig
 from .heads import STORE_ATTRIBUTE, count_labels, head_module_names, is_freshly_initialised, resize_head
-from .injection import EmbeddingSite, FinalSite, LinearSite, PrefixSite, PromptSite, Site, SublayerSite
+from .injection import (EmbeddingSite, FinalSite, LinearSite, PositionShiftSite, PrefixSite, PromptSite, Site,
+                        SublayerSite)
 from .layout import ModelLayout, build, check_fits, placements
 from .merge import unmerge
 from .prefix_attention import disable_prefix_attention, enable_prefix_attention
@@ -176,6 +177,9 @@ class AdapterRegistry:
             stack, block = layout.blocks[key[1]]
             path = stack.attention_module if key[2] == "self" else stack.cross_attention_module
             return PrefixSite(key, block.get_submodule(path), stack.causal, self.lookup)
+        if kind == "positions":
+            padding_idx = getattr(self.model.config, "pad_token_id", None)
+            return PositionShiftSite(key, self.layout.submodule(""), self.spec.position_ids, padding_idx, self.lookup)
         if kind == "embeddings":
             scope = layout.submodule(self.spec.embeddings_scope) if self.spec.embeddings_scope else None
             return EmbeddingSite(key, layout.submodule(self.spec.embeddings), self.lookup, scope=scope)

@@ -25,6 +25,9 @@ class PrefixTuningConfig(MethodConfig):
         cross_prefix: Prefix the cross-attention of decoder blocks in encoder-decoder models.
             Decoder self-attention always gets a prefix.
         use_gating: Scale the prefix values by a learned gate per layer (UniPELT).
+        shift_positions: Number the real tokens from ``prefix_length`` instead of 0, as PEFT does by
+            passing its prefix as a KV cache. Checkpoints read from PEFT set it, so their outputs match
+            PEFT's. Needs a family whose description names its ``position_ids`` rule.
         leave_out: Indices of blocks that get no prefix.
     """
 
@@ -36,6 +39,7 @@ class PrefixTuningConfig(MethodConfig):
     encoder_prefix: bool = True
     cross_prefix: bool = True
     use_gating: bool = False
+    shift_positions: bool = False
 
     architecture: ClassVar[str] = "prefix_tuning"
 
@@ -47,5 +51,5 @@ class PrefixTuningConfig(MethodConfig):
                 problems.append(f"{name}={value!r}: expected an integer >= 1")
         problems += check_choice("non_linearity", self.non_linearity, PREFIX_NON_LINEARITIES)
         problems += check_probability("dropout", self.dropout)
-        problems += check_bools(self, ("flat", "encoder_prefix", "cross_prefix", "use_gating"))
+        problems += check_bools(self, ("flat", "encoder_prefix", "cross_prefix", "use_gating", "shift_positions"))
         return problems

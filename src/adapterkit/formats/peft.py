@@ -263,8 +263,8 @@ def read_peft(registry: AdapterRegistry, directory: str | os.PathLike) -> PeftCh
     Prefix tuning: PEFT passes the prefix as a KV cache of ``num_virtual_tokens`` positions, so the
     model numbers the real tokens from ``num_virtual_tokens`` on. This shifts absolute position
     embeddings (BERT, RoBERTa, GPT-2) and the rotation of queries against the prefix keys (RoPE
-    models). adapterkit's prefix leaves positions alone. ``info["position_offset"]`` is that shift:
-    pass position ids starting there (RoBERTa: at ``padding_idx + 1 + offset``) to get PEFT's outputs.
+    models). The config read here sets ``shift_positions=True``, so adapterkit numbers the real tokens
+    the same way when the caller passes no position ids. ``info["position_offset"]`` is that shift.
 
     Prompt tuning: outputs match PEFT's, except for rows with left padding, where adapterkit puts
     the prompt after the padding and PEFT before it, and when ``forward`` gets position ids other
@@ -558,7 +558,7 @@ def _read_prefix(registry: AdapterRegistry, peft_config: dict[str, Any], state: 
         raise ValueError(f"The prefix does not fit this model: {'; '.join(wrong) or 'sizes match'}, prompt_embeddings "
                          f"{tuple(prefix.shape)}, expected {shape}")
 
-    config = PrefixTuningConfig(prefix_length=length, flat=True)
+    config = PrefixTuningConfig(prefix_length=length, flat=True, shift_positions=True)
     groups = layout.prefix_stacks(config)
     if len(groups) != 1 or groups[0][2] != list(range(len(layout))):
         raise ValueError(f"adapterkit's {layout.family!r} description does not put one prefix on every block, as PEFT "
