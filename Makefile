@@ -35,7 +35,7 @@ test-fast: setup
 
 # Rebuild the adapters 1.3.0 environment (it pins transformers 4.57) and its fixture checkpoints, then
 # check adapterkit against them and against adapters itself, live.
-ADAPTERS_VENV ?= /work/venv-adapters
+ADAPTERS_VENV ?= $(CURDIR)/.venv-adapters
 check-adapters: setup
 	ADAPTERS_VENV=$(ADAPTERS_VENV) bash scripts/adapters_fixtures/setup_env.sh
 	$(ADAPTERS_VENV)/bin/python scripts/adapters_fixtures/make_fixtures.py
@@ -43,11 +43,11 @@ check-adapters: setup
 
 # Run the fast tests under transformers 4.57.6 in a separate environment.
 check-transformers-457:
-	bash scripts/check_transformers_457.sh
+	VENV=$(CURDIR)/.venv-457 bash scripts/check_transformers_457.sh
 
 # Benchmark adapterkit against adapters 1.3.0 and PEFT in their own venv (transformers 4.57.6).
 # Hours on a few CPU cores; BENCH_ARGS goes to bench/run.py, e.g. BENCH_ARGS="--smoke --methods lora".
-BENCH_VENV ?= /work/venv-bench
+BENCH_VENV ?= $(CURDIR)/.venv-bench
 BENCH_ARGS ?=
 bench:
 	BENCH_VENV=$(BENCH_VENV) bash bench/setup_env.sh
