@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from .architectures import (ARCHITECTURES, ArchitectureSpec, InputRef, LinearRef, StackSpec, SublayerSpec,
                             register_architecture)
+from .composition import Average, BatchSplit, Fuse, Parallel, Split, Stack
 from .config import (PRESETS, AdapterConfig, BottleneckConfig, ConfigUnion, IA3Config, InvertibleConfig, LoRAConfig,
                      MethodConfig, PrefixTuningConfig, PromptTuningConfig)
 from .model import init
@@ -13,16 +14,22 @@ __all__ = [
     "PRESETS",
     "AdapterConfig",
     "ArchitectureSpec",
+    "Average",
+    "BatchSplit",
     "BottleneckConfig",
     "ConfigUnion",
+    "Fuse",
     "IA3Config",
     "InputRef",
     "InvertibleConfig",
     "LinearRef",
     "LoRAConfig",
     "MethodConfig",
+    "Parallel",
     "PrefixTuningConfig",
     "PromptTuningConfig",
+    "Split",
+    "Stack",
     "StackSpec",
     "SublayerSpec",
     "__version__",

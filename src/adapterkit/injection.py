@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .architectures import InputRef, LinearRef, SublayerSpec, get_submodule
+from .composition import plan_pairs, run_plan, select_rows
 from .config import BottleneckConfig, IA3Config, LoRAConfig, MethodConfig
 from .methods.prompt import (encoder_and_decoder, extend_cross_attention_mask, extend_inputs, has_token_labels,
                              input_embeddings, prompt_target)
@@ -213,9 +214,11 @@ class SublayerSite(Site):
         self._captured.residual = _input_of(args, kwargs, self.residual_input)
 
     def _replace_output(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        adapters = self.lookup(self.key)
-        if not adapters:
+        plan = self.lookup(self.key)
+        if not plan:
             return None
+        # A list of pairs runs as a stack; a composition plan (see ``composition``) mixes or splits rows.
+        adapters = plan_pairs(plan)
         residual_stream = getattr(self._captured, "residual", None)
         self._captured.residual = None  # do not keep the activation alive past this forward
         needs_residual = any(config.parallel or config.original_ln_before for config, _ in adapters)
@@ -230,10 +233,18 @@ class SublayerSite(Site):
         if any(config.projection == "conv" for config, _ in adapters):
             mask = token_mask(getattr(self._captured, "attention_mask", None), hidden.shape[1], self.causal)
             cache = getattr(self._captured, "cache", None)
-        for config, adapter in adapters:
-            state = conv_state_for(cache, adapter) if config.projection == "conv" else None
-            hidden = apply_bottleneck(config, adapter, hidden, residual_stream, self.layer_norm, mask, state)
-        return replace_first_tensor(output, hidden)
+
+        def apply(pairs: list, rows_hidden: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+            rows_residual, rows_mask = select_rows(residual_stream, rows), select_rows(mask, rows)
+            for config, adapter in pairs:
+                # NOTE: a convolution state kept across generation steps assumes the same rows reach
+                # this adapter at every step, which beam reordering under row routing breaks.
+                state = conv_state_for(cache, adapter) if config.projection == "conv" else None
+                rows_hidden = apply_bottleneck(config, adapter, rows_hidden, rows_residual, self.layer_norm,
+                                               rows_mask, state)
+            return rows_hidden
+
+        return replace_first_tensor(output, run_plan(plan, hidden, apply))
 
 
 def apply_bottleneck(config: BottleneckConfig, adapter: nn.Module, sublayer_output: torch.Tensor,
@@ -292,34 +303,45 @@ class LinearSite(Site):
     def _scales_input(self, config: MethodConfig) -> bool:
         return isinstance(config, IA3Config) and self.scale_input and config.ff_out_side == "input"
 
+    def _changes_output(self, config: MethodConfig) -> bool:
+        return isinstance(config, LoRAConfig) or (isinstance(config, IA3Config) and not self._scales_input(config))
+
     def _scale_input(self, module: nn.Module, args: tuple) -> tuple | None:
-        vectors = [module for config, module in self.lookup(self.key) if self._scales_input(config)]
-        if not vectors:
+        plan = self.lookup(self.key)
+        if not any(self._scales_input(config) for config, _ in plan_pairs(plan)):
             return None
-        hidden = args[0]
-        for vector in vectors:
-            hidden = vector(hidden)
-        return (hidden, *args[1:])
+
+        def apply(pairs: list, hidden: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+            for config, vector in pairs:
+                if self._scales_input(config):
+                    hidden = vector(hidden)
+            return hidden
+
+        # NOTE: under Average, the layer receives the average of the children's scaled inputs. That equals
+        # the average of their outputs (the weights sum to 1), but a LoRA at this layer then reads the
+        # averaged input instead of its own adapter's.
+        return (run_plan(plan, args[0], apply), *args[1:])
 
     def _add_to_output(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        adapters = self.lookup(self.key)
-        if not adapters:
+        plan = self.lookup(self.key)
+        if not any(self._changes_output(config) for config, _ in plan_pairs(plan)):
             return None
         parts = self.reference.parts
         width = output.shape[-1] // parts
         start = self.reference.part * width
         whole = parts == 1
         piece = output if whole else output[..., start:start + width]
-        changed = False
-        for config, adapter in adapters:
-            if isinstance(config, LoRAConfig):
-                piece = piece + adapter(args[0])
-                changed = True
-            elif isinstance(config, IA3Config) and not self._scales_input(config):
-                piece = adapter(piece)
-                changed = True
-        if not changed:
-            return None
+
+        def apply(pairs: list, rows_piece: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+            rows_input = select_rows(args[0], rows)
+            for config, adapter in pairs:
+                if isinstance(config, LoRAConfig):
+                    rows_piece = rows_piece + adapter(rows_input)
+                elif isinstance(config, IA3Config) and not self._scales_input(config):
+                    rows_piece = adapter(rows_piece)
+            return rows_piece
+
+        piece = run_plan(plan, piece, apply)
         if whole:
             return piece
         return torch.cat([output[..., :start], piece, output[..., start + width:]], dim=-1)

@@ -248,6 +248,9 @@ def merge(registry: AdapterRegistry, name: str) -> None:
     registry.check_names([name])
     if name in registry.merged:
         return
+    if getattr(registry, "active_block", None) is not None and name in registry.active:
+        raise ValueError(f"Adapter {name!r} is part of the active composition {registry.active_block}; merging it "
+                         "would apply it to every row and branch. Activate a list of adapters first")
     check_mergeable(registry, name)
     apply_merge(registry, name, +1)
     registry.merged.append(name)
@@ -300,6 +303,9 @@ def merge_all_active(registry: AdapterRegistry) -> None:
     Raises:
         ValueError: If an active adapter has a member that cannot be merged; nothing changes then.
     """
+    if getattr(registry, "active_block", None) is not None:
+        raise ValueError(f"The active composition {registry.active_block} is not a plain stack of adapters, so it "
+                         "cannot be merged into one set of weights; activate a list of adapters first")
     pending = [name for name in registry.active if name not in registry.merged]
     for name in pending:
         _check_methods(registry, name)

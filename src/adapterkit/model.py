@@ -18,6 +18,7 @@ from torch import nn
 
 from . import io, merge
 from .architectures import ArchitectureSpec, find_architecture
+from .composition import Block, parallel_branches
 from .config import MethodConfig, resolve_config
 from .registry import AdapterRegistry
 
@@ -82,9 +83,46 @@ class AdapterModelMixin:
             raise ValueError("train_adapter needs at least one adapter name")
         self._adapterkit.train(names)
 
-    def set_active_adapters(self, names: str | Sequence[str] | None) -> None:
-        """Run adapters ``names`` in every forward, in order; ``None`` or ``[]`` runs the bare model."""
-        self._adapterkit.set_active(_as_names(names))
+    def set_active_adapters(self, names: str | Sequence[str] | Block | None) -> None:
+        """Run adapters ``names`` in every forward, in order; ``None`` or ``[]`` runs the bare model.
+
+        ``names`` may also be a composition block such as ``Average("a", "b")`` or
+        ``Parallel("a", "b")``; see ``adapterkit.composition``. A list of names is a ``Stack``.
+
+        Raises:
+            ValueError: If an adapter is unknown or the block nests blocks it cannot contain.
+            NotImplementedError: For ``Fuse`` and ``Split``, and for prefix tuning, prompt tuning,
+                invertible and before-head adapters inside a block other than ``Stack``.
+        """
+        self._adapterkit.set_active(names if isinstance(names, Block) else _as_names(names))
+
+    @property
+    def active_block(self) -> Block | None:
+        """The active composition block, or ``None`` when the active adapters form a plain stack."""
+        return self._adapterkit.active_block
+
+    def generate(self, *args: Any, adapter_names: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
+        """Run transformers' ``generate``; ``adapter_names`` sends input row ``i`` through adapter ``adapter_names[i]``.
+
+        ``None`` in ``adapter_names`` runs that row without adapters. Beam search and
+        ``num_return_sequences`` repeat each input row ``f`` times in a row, so every forward with
+        ``f * len(adapter_names)`` rows reads rows ``i * f`` to ``i * f + f - 1`` as row ``i``.
+
+        Raises:
+            ValueError: If an adapter name is unknown or the count differs from the batch size.
+            NotImplementedError: If a Parallel block is active, because its repeated rows would
+                leave the batch size that ``generate`` expects.
+        """
+        registry = self._adapterkit
+        if registry.active_block is not None and parallel_branches(registry.active_block) is not None:
+            raise NotImplementedError(f"generate cannot run with the Parallel block {registry.active_block!r} "
+                                      "active; generate once per branch with that branch's adapters active")
+        if adapter_names is None:
+            return super().generate(*args, **kwargs)
+        inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+        batch_size = inputs.shape[0] if inputs is not None else None
+        with registry.routing(adapter_names, batch_size):
+            return super().generate(*args, **kwargs)
 
     @property
     def active_adapters(self) -> list[str]:

@@ -7,9 +7,12 @@ adapter names that are prefixes of each other cannot collide.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import re
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +20,8 @@ import torch
 from torch import nn
 
 from .architectures import ArchitectureSpec
+from .composition import (Block, RoutedHead, as_block, branch_heads, compile_site, composed_leaves, is_plain_stack,
+                          leaf_names, parallel_branches, repeat_batch, routing_plan, validate)
 from .config import MethodConfig
 from .heads import STORE_ATTRIBUTE, count_labels, head_module_names, is_freshly_initialised, resize_head
 from .injection import (EmbeddingSite, FinalSite, LinearSite, PositionShiftSite, PrefixSite, PromptSite, Site,
@@ -29,6 +34,22 @@ logger = logging.getLogger(__name__)
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")
 _BASE_HEAD_KEY = "base_head"
+# Site kinds whose hooks run composition plans; adapters with modules elsewhere run only in a Stack.
+_COMPOSABLE_KINDS = ("sublayer", "linear")
+_ROUTING_KEYWORD = "adapter_names"
+
+
+@dataclass
+class ForwardState:
+    """The routing and swapped heads of one forward of the model, kept thread-locally on the registry.
+
+    Attributes:
+        routing: The adapter (or ``None``) of each input row, or ``None`` when the active adapters run.
+        swapped_heads: The head modules that a ``RoutedHead`` replaced for this forward, to put back.
+    """
+
+    routing: tuple[str | None, ...] | None = None
+    swapped_heads: dict[str, nn.Module] | None = None
 
 
 @dataclass
@@ -45,6 +66,14 @@ class AdapterEntry:
     config: MethodConfig
     labels: list[Any] | None = None
     head_trained: bool = False
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    """Return the batch size of a model call: the rows of its token ids or input embeddings."""
+    for value in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
 
 
 def store_key(name: str) -> str:
@@ -67,6 +96,8 @@ class AdapterRegistry:
         self.layout = ModelLayout(model, spec)
         self.entries: dict[str, AdapterEntry] = {}
         self.active: tuple[str, ...] = ()
+        # The active composition block, or None when the active adapters form a plain stack.
+        self.active_block: Block | None = None
         self.sites: dict[tuple, Site] = {}
         self.head_names = head_module_names(model)
         self.base_heads = {name: getattr(model, name) for name in self.head_names}
@@ -77,6 +108,18 @@ class AdapterRegistry:
         self.merged: list[str] = []
         self.tokenizer = None
         self._input_hooks: list[Any] = []
+        self._pairs_by_name: dict[str, dict[tuple, list[tuple[MethodConfig, Any]]]] = {}
+        self._local = threading.local()
+        self._forward_hooks: list[Any] = []
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_local"] = None  # thread-local storage cannot be pickled or copied
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
 
     # -- modules -------------------------------------------------------------------------------
 
@@ -136,7 +179,11 @@ class AdapterRegistry:
     def delete(self, name: str) -> None:
         """Remove adapter ``name`` with its modules, head and any hooks no other adapter needs."""
         self.check_names([name])
-        if name in self.active:
+        if name in self.active and self.active_block is not None:
+            logger.warning("Deleting adapter %r, part of the active block %r; no adapter is active now",
+                           name, self.active_block)
+            self.set_active([])
+        elif name in self.active:
             self.set_active([n for n in self.active if n != name])
         if name in self.merged:
             unmerge(self, name)
@@ -158,6 +205,7 @@ class AdapterRegistry:
         if not any(key[0] == "prefix" for key in needed):
             disable_prefix_attention(self.model)
         self._update_input_hook()
+        self._update_forward_hooks()
         self._rebuild_plan()
 
     def _new_site(self, key: tuple) -> Site:
@@ -188,6 +236,19 @@ class AdapterRegistry:
         if kind == "prompt":
             return PromptSite(key, self.model, self.lookup)
         raise ValueError(f"Unknown site kind {kind!r}")
+
+    def _update_forward_hooks(self) -> None:
+        """Hook the model's forward while it has adapters, for ``adapter_names`` and ``Parallel`` copies."""
+        if self.entries and not self._forward_hooks:
+            # The pre-hook runs first, so that no other hook receives the adapter_names argument.
+            self._forward_hooks = [
+                self.model.register_forward_pre_hook(self._begin_forward, with_kwargs=True, prepend=True),
+                self.model.register_forward_hook(self._end_forward, always_call=True),
+            ]
+        elif not self.entries and self._forward_hooks:
+            for hook in self._forward_hooks:
+                hook.remove()
+            self._forward_hooks = []
 
     def _has_tied_lm_head(self) -> bool:
         """Return whether the model's output layer shares its weight with the input embeddings."""
@@ -250,30 +311,235 @@ class AdapterRegistry:
         self.model._modules.pop(STORE_ATTRIBUTE, None)
         self.entries = {}
         self.active = ()
+        self.active_block = None
         self.merged = []
         self._plan = {}
+        for hook in self._forward_hooks:
+            hook.remove()
+        self._forward_hooks = []
 
     # -- activation ------------------------------------------------------------------------------
 
-    def set_active(self, names: list[str]) -> None:
-        """Make ``names`` the adapters that run, in order, and put the last one's head on the model."""
-        self.check_names(names)
-        self.active = tuple(names)
-        self._rebuild_plan()
-        self._install_head(names[-1] if names else None)
+    def set_active(self, names: Sequence[str] | Block | None) -> None:
+        """Make ``names`` the adapters that run and put the last one's head on the model.
 
-    def lookup(self, key: tuple) -> list[tuple[MethodConfig, Any]]:
-        """Return the (config, module) pairs that run at site ``key`` in the current forward, in order."""
+        Args:
+            names: Adapter names, run in order, or a composition block (see ``composition``).
+
+        Raises:
+            ValueError: If an adapter is unknown, a block nests another one that it cannot contain,
+                or a merged adapter sits inside a block other than ``Stack``.
+            NotImplementedError: If the block contains ``Fuse`` or ``Split``, or an adapter with
+                prefix tuning, prompt tuning, an invertible adapter or a before-head adapter sits
+                inside a block other than ``Stack``.
+        """
+        block = as_block(names)
+        if block is None or is_plain_stack(block):
+            leaves = leaf_names(block) if block is not None else []
+            self.check_names(leaves)
+            self.active, self.active_block = tuple(leaves), None
+        else:
+            validate(block, self.entries)
+            self._check_composable(block)
+            self.active, self.active_block = tuple(dict.fromkeys(leaf_names(block))), block
+        self._rebuild_plan()
+        self._install_head(leaf_names(block)[-1] if block is not None else None)
+
+    def _check_composable(self, block: Block) -> None:
+        for name in dict.fromkeys(composed_leaves(block)):
+            if name in self.merged:
+                raise ValueError(f"Adapter {name!r} is merged into the base weights, so it acts on every row and "
+                                 f"cannot run inside {block!r}; unmerge_adapter({name!r}) first")
+            kinds = sorted({key[0] for key in self._pairs_by_name.get(name, {}) if key[0] not in _COMPOSABLE_KINDS})
+            if kinds:
+                raise NotImplementedError(
+                    f"Adapter {name!r} has modules at {', '.join(kinds)} sites, which run only in a Stack, but it "
+                    f"sits inside {block!r}. Composition covers bottleneck adapters, LoRA and (IA)^3")
+
+    def lookup(self, key: tuple) -> Any:
+        """Return what runs at site ``key`` in the current forward.
+
+        That is a list of (config, module) pairs, run in order, or, at sublayer and linear sites
+        under a composition block or per-row routing, a plan for ``composition.run_plan``.
+        """
+        state = self._current_state()
+        if state is not None and state.routing is not None:
+            if key[0] not in _COMPOSABLE_KINDS:
+                return []
+            return routing_plan(state.routing, lambda name: self._pairs_by_name[name].get(key, []))
         return self._plan.get(key, [])
 
     def _rebuild_plan(self) -> None:
-        plan: dict[tuple, list[tuple[MethodConfig, Any]]] = {}
-        for name in self.active:
-            if name in self.merged:
-                continue
+        self._pairs_by_name = {}
+        for name in self.entries:
+            by_key: dict[tuple, list[tuple[MethodConfig, Any]]] = {}
             for key, member, payload in self.placements_of(name):
-                plan.setdefault(key, []).append((member, payload))
+                by_key.setdefault(key, []).append((member, payload))
+            self._pairs_by_name[name] = by_key
+        plan: dict[tuple, Any] = {}
+        block = self.active_block
+        if block is None:
+            for name in self.active:
+                if name in self.merged:
+                    continue
+                for key, pairs in self._pairs_by_name[name].items():
+                    plan.setdefault(key, []).extend(pairs)
+            self._plan = plan
+            return
+        keys = {key for name in self.active for key in self._pairs_by_name.get(name, {})}
+        stacked = [name for name in leaf_names(block) if name not in composed_leaves(block)]
+        for key in keys:
+            if key[0] in _COMPOSABLE_KINDS:
+                compiled = compile_site(block, lambda name: [] if name in self.merged
+                                        else self._pairs_by_name[name].get(key, []))
+                if compiled is not None:
+                    plan[key] = compiled
+            else:
+                pairs = [pair for name in stacked if name not in self.merged
+                         for pair in self._pairs_by_name[name].get(key, [])]
+                if pairs:
+                    plan[key] = pairs
         self._plan = plan
+
+    # -- per-forward state: routing, Parallel copies, checkpointing ----------------------------------
+
+    def _state_stack(self) -> list[ForwardState]:
+        stack = getattr(self._local, "stack", None)
+        if stack is None:
+            stack = self._local.stack = []
+        return stack
+
+    def _current_state(self) -> ForwardState | None:
+        stack = getattr(self._local, "stack", None)
+        return stack[-1] if stack else None
+
+    def check_routing(self, names: Sequence[str | None], batch_size: int | None) -> tuple[str | None, ...]:
+        """Return ``names`` as a tuple after checking them as per-row adapter names.
+
+        Raises:
+            ValueError: If a name is unknown, the count differs from ``batch_size``, an adapter is
+                merged, or a Parallel block is active.
+            NotImplementedError: If a named adapter has modules outside sublayer and linear sites.
+        """
+        if isinstance(names, str):
+            raise ValueError(f"adapter_names={names!r} must be a list with one adapter name (or None) per row")
+        names = tuple(names)
+        unknown = sorted({n for n in names if n is not None and n not in self.entries})
+        if unknown:
+            known = ", ".join(self.entries) or "none"
+            raise ValueError(f"adapter_names lists unknown adapters {', '.join(map(repr, unknown))}; adapters: {known}")
+        if batch_size is not None and len(names) != batch_size:
+            raise ValueError(f"adapter_names has {len(names)} entries for a batch of {batch_size} rows; "
+                             "pass one adapter name (or None) per row")
+        if self.merged:
+            raise ValueError(f"Adapters {self.merged} are merged into the base weights and act on every row; "
+                             "unmerge them before routing rows to adapters")
+        if self.active_block is not None and parallel_branches(self.active_block) is not None:
+            raise ValueError(f"The active block {self.active_block!r} repeats the input per branch, which per-row "
+                             "routing cannot combine with; activate a Stack or None first")
+        for name in dict.fromkeys(n for n in names if n is not None):
+            kinds = sorted({key[0] for key in self._pairs_by_name[name] if key[0] not in _COMPOSABLE_KINDS})
+            if kinds:
+                raise NotImplementedError(f"Adapter {name!r} has modules at {', '.join(kinds)} sites, which per-row "
+                                          "routing does not cover; it covers bottleneck adapters, LoRA and (IA)^3")
+        return names
+
+    @contextlib.contextmanager
+    def routing(self, names: Sequence[str | None], batch_size: int | None = None) -> Iterator[None]:
+        """Send row ``i`` of every forward inside the context through adapter ``names[i]`` alone.
+
+        A forward whose batch has ``f * len(names)`` rows (beam search, ``num_return_sequences``)
+        reads rows ``i * f`` to ``i * f + f - 1`` as copies of row ``i``, which is how
+        ``generate`` repeats its inputs.
+        """
+        names = self.check_routing(names, batch_size)
+        stack = self._state_stack()
+        stack.append(ForwardState(routing=names))
+        try:
+            yield
+        finally:
+            stack.pop()
+
+    def _begin_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        names = kwargs.pop(_ROUTING_KEYWORD, None)
+        batch_size = _batch_size(args, kwargs)
+        current = self._current_state()
+        # Pushed before any check can raise, because ``_end_forward`` runs (and pops) even then.
+        state = ForwardState(routing=current.routing if current is not None else None)
+        self._state_stack().append(state)
+        if names is not None:
+            state.routing = self.check_routing(names, batch_size)
+        routing = state.routing
+        if self._checkpointing():
+            self._wrap_checkpoint_functions()
+
+        block = self.active_block
+        parallel = parallel_branches(block) if block is not None else None
+        heads = branch_heads(block) if block is not None and routing is None else None
+        if parallel is not None and routing is None and batch_size is not None:
+            copies = len(parallel.children)
+            args = tuple(repeat_batch(value, batch_size, copies) for value in args)
+            kwargs = {key: repeat_batch(value, batch_size, copies) for key, value in kwargs.items()}
+        if heads is not None:
+            state.swapped_heads = self._swap_heads(*heads)
+        elif names is not None:
+            order = list(dict.fromkeys(routing))
+            groups = [[i for i, name in enumerate(routing) if name == group] for group in order]
+            state.swapped_heads = self._swap_heads(order, groups, len(routing))
+        return args, kwargs
+
+    def _end_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        stack = self._state_stack()
+        if not stack:
+            return
+        state = stack.pop()
+        for head_name, head in (state.swapped_heads or {}).items():
+            setattr(self.model, head_name, head)
+
+    def _swap_heads(self, names: list[str | None], groups: list[list[int]], base_rows: int) -> dict[str, nn.Module]:
+        """Put a ``RoutedHead`` in place of each head module; ``names[k]`` owns rows ``groups[k]``.
+
+        NOTE: the swap changes the model object for the length of one forward, so two threads
+        running the same model at once can see each other's heads.
+        """
+        swapped = {}
+        for head_name in self.head_names:
+            heads = [self.base_heads[head_name] if name is None else self.store[store_key(name)]["head"][head_name]
+                     for name in names]
+            swapped[head_name] = getattr(self.model, head_name)
+            setattr(self.model, head_name, RoutedHead(heads, groups, base_rows))
+        return swapped
+
+    def _wrap_checkpoint_functions(self) -> None:
+        """Make every ``_gradient_checkpointing_func`` restore this forward's state when it recomputes.
+
+        transformers' ``gradient_checkpointing_enable`` sets that function on each checkpointed
+        module. Non-reentrant checkpointing recomputes during backward, after the forward's state
+        has been popped, so the wrapper captures the state when the block first runs.
+        """
+        for submodule in self.model.modules():
+            function = submodule.__dict__.get("_gradient_checkpointing_func")
+            if function is None or getattr(function, "_adapterkit_wrapped", False):
+                continue
+            submodule._gradient_checkpointing_func = self._checkpoint_with_state(function)
+
+    def _checkpoint_with_state(self, function: Any) -> Any:
+        def checkpoint_with_state(run: Any, *args: Any, **kwargs: Any) -> Any:
+            current = self._current_state()
+            captured = ForwardState(routing=current.routing if current is not None else None)
+
+            def run_with_state(*run_args: Any, **run_kwargs: Any) -> Any:
+                stack = self._state_stack()
+                stack.append(captured)
+                try:
+                    return run(*run_args, **run_kwargs)
+                finally:
+                    stack.pop()
+
+            return function(run_with_state, *args, **kwargs)
+
+        checkpoint_with_state._adapterkit_wrapped = True
+        return checkpoint_with_state
 
     def _install_head(self, name: str | None) -> None:
         """Put the head of adapter ``name`` (the base head for ``None``) on the model, with its labels."""
