@@ -417,3 +417,25 @@ def test_merge_rejects_active_composition(tiny_model):
     with pytest.raises(ValueError, match="composition"):
         model.merge_and_unload()
     assert model.merged_adapters == []
+
+
+def test_deepcopy_rebinds_checkpoint_wrappers(tiny_model):
+    import copy
+
+    from adapterkit.registry import StatefulCheckpoint
+
+    model = adapterkit.init(tiny_model("bert"))
+    model.add_adapter("a", "lora")
+    model.add_adapter("b", "lora")
+    model.train_adapter(["a", "b"])
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    input_ids = torch.randint(2, 99, (2, 5))
+    model(input_ids=input_ids, adapter_names=["a", "b"]).logits.sum().backward()
+
+    copied = copy.deepcopy(model)
+    copied(input_ids=input_ids, adapter_names=["a", "b"]).logits.sum().backward()
+
+    wrappers = [m.__dict__["_gradient_checkpointing_func"] for m in copied.modules()
+                if isinstance(m.__dict__.get("_gradient_checkpointing_func"), StatefulCheckpoint)]
+    assert wrappers
+    assert all(wrapper.registry is copied._adapterkit for wrapper in wrappers)

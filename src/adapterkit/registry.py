@@ -76,6 +76,37 @@ def _batch_size(args: tuple, kwargs: dict) -> int | None:
     return None
 
 
+class StatefulCheckpoint:
+    """A module's checkpoint function that restores the registry's forward state when it recomputes.
+
+    An object rather than a closure, so that ``copy.deepcopy`` and pickling of the model point the
+    copy's wrapper at the copy's registry.
+
+    Args:
+        registry: The registry whose thread-local forward state to capture and restore.
+        function: The checkpoint function transformers set on the module.
+    """
+
+    def __init__(self, registry: AdapterRegistry, function: Any):
+        self.registry = registry
+        self.function = function
+
+    def __call__(self, run: Any, *args: Any, **kwargs: Any) -> Any:
+        registry = self.registry
+        current = registry._current_state()
+        captured = ForwardState(routing=current.routing if current is not None else None)
+
+        def run_with_state(*run_args: Any, **run_kwargs: Any) -> Any:
+            stack = registry._state_stack()
+            stack.append(captured)
+            try:
+                return run(*run_args, **run_kwargs)
+            finally:
+                stack.pop()
+
+        return self.function(run_with_state, *args, **kwargs)
+
+
 def store_key(name: str) -> str:
     """Return the module key of adapter ``name``; the prefix keeps names clear of ``nn.ModuleDict`` attributes."""
     return f"adapter_{name}"
@@ -519,27 +550,12 @@ class AdapterRegistry:
         """
         for submodule in self.model.modules():
             function = submodule.__dict__.get("_gradient_checkpointing_func")
-            if function is None or getattr(function, "_adapterkit_wrapped", False):
+            if function is None or isinstance(function, StatefulCheckpoint):
                 continue
             submodule._gradient_checkpointing_func = self._checkpoint_with_state(function)
 
     def _checkpoint_with_state(self, function: Any) -> Any:
-        def checkpoint_with_state(run: Any, *args: Any, **kwargs: Any) -> Any:
-            current = self._current_state()
-            captured = ForwardState(routing=current.routing if current is not None else None)
-
-            def run_with_state(*run_args: Any, **run_kwargs: Any) -> Any:
-                stack = self._state_stack()
-                stack.append(captured)
-                try:
-                    return run(*run_args, **run_kwargs)
-                finally:
-                    stack.pop()
-
-            return function(run_with_state, *args, **kwargs)
-
-        checkpoint_with_state._adapterkit_wrapped = True
-        return checkpoint_with_state
+        return StatefulCheckpoint(self, function)
 
     def _install_head(self, name: str | None) -> None:
         """Put the head of adapter ``name`` (the base head for ``None``) on the model, with its labels."""
