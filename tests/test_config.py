@@ -173,8 +173,10 @@ def test_preset_unipelt_is_gated():
 
 
 def test_preset_compacter_placements():
-    assert PRESETS["compacter"].phm_layer and PRESETS["compacter"].mh_adapter
-    assert PRESETS["compacter++"].phm_layer and not PRESETS["compacter++"].mh_adapter
+    assert PRESETS["compacter"].phm_layer
+    assert PRESETS["compacter"].mh_adapter
+    assert PRESETS["compacter++"].phm_layer
+    assert not PRESETS["compacter++"].mh_adapter
 
 
 def test_lora_scaling_uses_alpha():

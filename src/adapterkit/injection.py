@@ -382,7 +382,7 @@ class PrefixSite(Site):
 
         Encoders average the gate over the real tokens of the input, as UniPELT does. Prefix values
         are shared by every query, so in causal stacks an input-dependent gate would let a position
-        see later tokens; there the prefix module learns one gate logit per layer instead.
+        see later tokens. There the prefix module learns one gate logit per layer instead.
         """
         if prefix.gate_logits is not None:
             return prefix.gate_value(row)

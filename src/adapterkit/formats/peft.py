@@ -266,9 +266,9 @@ def read_peft(registry: AdapterRegistry, directory: str | os.PathLike) -> PeftCh
     models). The config read here sets ``shift_positions=True``, so adapterkit numbers the real tokens
     the same way when the caller passes no position ids. ``info["position_offset"]`` is that shift.
 
-    Prompt tuning: outputs match PEFT's, except for rows with left padding, where adapterkit puts
-    the prompt after the padding and PEFT before it, and when ``forward`` gets position ids other
-    than the model's defaults: PEFT drops them, adapterkit moves them up by the prompt length.
+    Prompt tuning: outputs match PEFT's with two exceptions. In rows with left padding, adapterkit
+    puts the prompt after the padding and PEFT before it. And when ``forward`` gets position ids
+    other than the model's defaults, PEFT drops them while adapterkit moves them up by the prompt length.
 
     Args:
         registry: The adapter registry of the model (``model._adapterkit``).
@@ -530,13 +530,18 @@ def _read_ia3(registry: AdapterRegistry, peft_config: dict[str, Any], state: dic
     return IA3Config(targets=targets, leave_out=leave_out), weights
 
 
+def _check_prompt_embeddings(state: dict[str, torch.Tensor], method: str) -> None:
+    """Raise ``ValueError`` unless ``state`` contains ``prompt_embeddings`` and nothing else besides head weights."""
+    extra = sorted(key for key in state if key != "prompt_embeddings")
+    if extra or "prompt_embeddings" not in state:
+        raise ValueError(f"A {method} checkpoint contains prompt_embeddings and head weights only; this one has "
+                         f"{extra or 'no prompt_embeddings'}")
+
+
 def _read_prefix(registry: AdapterRegistry, peft_config: dict[str, Any], state: dict[str, torch.Tensor],
                  notes: list[str]) -> tuple[PrefixTuningConfig, dict[str, torch.Tensor]]:
     _check_options(peft_config, _PREFIX_KEYS, {})
-    extra = sorted(key for key in state if key != "prompt_embeddings")
-    if extra or "prompt_embeddings" not in state:
-        raise ValueError(f"A prefix tuning checkpoint contains prompt_embeddings and head weights only; this one has "
-                         f"{extra or 'no prompt_embeddings'}")
+    _check_prompt_embeddings(state, "prefix tuning")
     layout = registry.layout
     submodules = peft_config.get("num_transformer_submodules") or 1
     if submodules != 1 or len(layout.spec.stacks) != 1:
@@ -585,10 +590,7 @@ def _check_prefix_family(family: str) -> None:
 def _read_prompt(registry: AdapterRegistry, peft_config: dict[str, Any], state: dict[str, torch.Tensor],
                  notes: list[str]) -> tuple[PromptTuningConfig, dict[str, torch.Tensor]]:
     _check_options(peft_config, _PROMPT_KEYS, {})
-    extra = sorted(key for key in state if key != "prompt_embeddings")
-    if extra or "prompt_embeddings" not in state:
-        raise ValueError(f"A prompt tuning checkpoint contains prompt_embeddings and head weights only; this one has "
-                         f"{extra or 'no prompt_embeddings'}")
+    _check_prompt_embeddings(state, "prompt tuning")
     prompt = state["prompt_embeddings"]
     width = input_embeddings(prompt_target(registry.model)).weight.shape[1]
     submodules = peft_config.get("num_transformer_submodules") or 1
