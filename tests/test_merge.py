@@ -35,6 +35,7 @@ CONFIGS = {
     "ia3-all": IA3Config(targets=ALL_ROLES),
     "union-lora-ia3": ConfigUnion(LoRAConfig(r=4, targets=ALL_ROLES), IA3Config(targets=ALL_ROLES)),
     "union-ia3-lora": ConfigUnion(IA3Config(targets=("key", "ff_out")), LoRAConfig(r=4, targets=ALL_ROLES)),
+    "ia3-ffout-output": IA3Config(targets=("value", "ff_out"), ff_out_side="output"),
 }
 # Three adapters of one method that share projections, for the merge-order tests.
 GROUPS = {
@@ -316,11 +317,13 @@ def test_ff_out_lora_merges_after_input_scale(build, tiny_inputs):
 # -- errors ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("config, reason", [
-    (BottleneckConfig(), "contains bottleneck, which cannot be merged"),
+    (BottleneckConfig(), "has a bottleneck adapter that cannot be merged .*runs in series"),
     ("prefix_tuning", "contains prefix_tuning, which cannot be merged"),
-    (ConfigUnion(LoRAConfig(), BottleneckConfig(parallel=True)), "contains bottleneck, which cannot be merged"),
+    (ConfigUnion(LoRAConfig(), BottleneckConfig(parallel=True)), "has a bottleneck .*non-linearity is 'relu'"),
+    (BottleneckConfig(parallel=True, non_linearity="identity", mh_adapter=True), "has a bottleneck .*attention sublayer"),
+    (BottleneckConfig(parallel=True, non_linearity="identity", ln_after=True), "has a bottleneck .*own layer norm"),
     (LoRAConfig(use_gating=True), "has a gated LoRA"),
-], ids=["bottleneck", "prefix", "union-with-bottleneck", "gated-lora"])
+], ids=["bottleneck", "prefix", "union-with-bottleneck", "parallel-on-attention", "parallel-with-norm", "gated-lora"])
 def test_unmergeable_adapter_raises(build, config, reason):
     model = adapterkit.init(build("bert"))
     model.add_adapter("odd", config, set_active=True)
@@ -505,10 +508,171 @@ def test_svd_rejects_bad_sources(build):
     assert model.adapter_names == ["lora", "ia3", "gated"]
 
 
-def test_merge_rejects_ia3_on_ff_out_output(tiny_model):
-    model = adapterkit.init(tiny_model("llama"))
-    model.add_adapter("scale", adapterkit.IA3Config(targets=("ff_out",), ff_out_side="output"), set_active=True)
+def test_ff_out_output_scale_merges_into_rows(build, tiny_inputs):
+    """(IA)^3 on the output of ff_out scales the rows and the bias of ff_out, after a LoRA that runs before it."""
+    model = build("bart")
+    base = base_state(model)
+    input_ids = tiny_inputs("bart")
+    adapterkit.init(model)
+    add_randomized(model, "a", ConfigUnion(LoRAConfig(r=4, alpha=4, targets=("ff_out",)),
+                                           IA3Config(targets=("ff_out",), ff_out_side="output")), seed=5)
+    methods = model._adapterkit.modules_of("a")["methods"]
+    lora = methods["0"]["layers"]["0"]["ff_out"][0]
+    scale = methods["1"]["layers"]["0"]["ff_out"][0].scale.double()
+    model.set_active_adapters("a")
+    reference = forward(model, "bart", input_ids)
 
-    with pytest.raises(ValueError, match="ff_out_side='output'"):
-        model.merge_adapter("scale")
+    model.merge_adapter("a")
+    state = model.state_dict()
+    expected_weight = (base["model.encoder.layers.0.fc2.weight"].double()
+                       + lora.lora_B.double() @ lora.lora_A.double()) * scale[:, None]
+    expected_bias = base["model.encoder.layers.0.fc2.bias"].double() * scale
+    torch.testing.assert_close(state["model.encoder.layers.0.fc2.weight"].double(), expected_weight, **WEIGHT_TOLERANCE)
+    torch.testing.assert_close(state["model.encoder.layers.0.fc2.bias"].double(), expected_bias, **WEIGHT_TOLERANCE)
+    torch.testing.assert_close(forward(model, "bart", input_ids), reference, **OUTPUT_TOLERANCE)
+    model.unmerge_adapter("a")
+    assert_base_restored(model, base, "after unmerge")
+
+
+# -- parallel adapters with an identity non-linearity: widened feed-forward layers ----------------
+
+PARALLEL_FAMILIES = ("bert", "roberta", "electra", "deberta-v2", "distilbert", "mpnet", "bart")
+PARALLEL_CONFIGS = {
+    "linear": BottleneckConfig(parallel=True, non_linearity="identity", bottleneck_size=4, scaling=2.0,
+                               leave_out=(1,)),
+    "channel-scaling": BottleneckConfig(parallel=True, non_linearity="identity", bottleneck_size=8, scaling="channel"),
+    "compacter": BottleneckConfig(parallel=True, non_linearity="identity", bottleneck_size=8, phm_layer=True,
+                                  phm_dim=4, phm_bias=True),
+}
+WIDTH_FIELDS = {"distilbert": ("hidden_dim",), "bart": ("encoder_ffn_dim", "decoder_ffn_dim")}
+
+
+@torch.no_grad()
+def randomize_bottleneck(model, name, seed):
+    """Draw every parameter of adapter ``name`` (but its head) from normal(0, 0.3)."""
+    generator = torch.Generator().manual_seed(seed)
+    for parameter in model._adapterkit.modules_of(name)["methods"].parameters():
+        parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+
+
+def build_parallel(tiny_model, no_dropout, family, config, seed=1):
+    model = adapterkit.init(tiny_model(family, **no_dropout(family)).eval())
+    model.add_adapter("par", config)
+    randomize_bottleneck(model, "par", seed)
+    model.set_active_adapters("par")
+    return model
+
+
+def widths(model, family):
+    return tuple(getattr(model.config, field) for field in WIDTH_FIELDS.get(family, ("intermediate_size",)))
+
+
+@pytest.mark.parametrize("config_name", list(PARALLEL_CONFIGS))
+@pytest.mark.parametrize("family", PARALLEL_FAMILIES)
+def test_parallel_identity_merge(tiny_model, no_dropout, tiny_inputs, tmp_path, family, config_name):
+    config = PARALLEL_CONFIGS[config_name]
+    model = build_parallel(tiny_model, no_dropout, family, config)
+    input_ids = tiny_inputs(family)
+    base = base_state(model)
+    base_widths = widths(model, family)
+    model.set_active_adapters(None)
+    base_logits = forward(model, family, input_ids)
+    model.set_active_adapters("par")
+    reference = forward(model, family, input_ids)
+    assert not torch.allclose(reference, base_logits, atol=1e-3), "the adapter must change the output"
+
+    model.merge_adapter("par")
+    added = 2 * config.bottleneck_size
+    assert widths(model, family) == tuple(width + added for width in base_widths)
+    torch.testing.assert_close(forward(model, family, input_ids), reference, **OUTPUT_TOLERANCE)
+    # A merged adapter acts whether it is active or not.
+    model.set_active_adapters(None)
+    torch.testing.assert_close(forward(model, family, input_ids), reference, **OUTPUT_TOLERANCE)
+    merged_once = base_state(model)
+    model.merge_adapter("par")
+    assert changed_keys(model, merged_once) == []
+
+    model.unmerge_adapter("par")
+    assert widths(model, family) == base_widths
+    assert_base_restored(model, base, "after unmerge")
+    torch.testing.assert_close(forward(model, family, input_ids), base_logits, **OUTPUT_TOLERANCE)
+
+    model.merge_adapter("par")
+    model.delete_adapter("par")
+    assert_base_restored(model, base, "after deleting the merged adapter")
+    assert widths(model, family) == base_widths
+
+
+@pytest.mark.parametrize("family", ["bert", "bart"])
+def test_parallel_unload_reloads_in_transformers(tiny_model, no_dropout, tiny_inputs, tmp_path, family):
+    """Two parallel adapters and a LoRA merge together; the plain model saves and reloads with transformers alone."""
+    model = build_parallel(tiny_model, no_dropout, family, PARALLEL_CONFIGS["linear"])
+    model.add_adapter("second", PARALLEL_CONFIGS["compacter"])
+    randomize_bottleneck(model, "second", seed=2)
+    add_randomized(model, "lora", LoRAConfig(r=4, targets=("query", "value")), seed=3)
+    model.set_active_adapters(["par", "second", "lora"])
+    input_ids = tiny_inputs(family)
+    reference = forward(model, family, input_ids)
+
+    plain = model.merge_and_unload()
+    assert not hasattr(plain, "_adapterkit")
+    torch.testing.assert_close(forward(plain, family, input_ids), reference, **OUTPUT_TOLERANCE)
+    plain.save_pretrained(tmp_path)
+    reloaded = type(plain).from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(forward(reloaded, family, input_ids), reference, **OUTPUT_TOLERANCE)
+
+
+def test_parallel_merges_in_any_order(tiny_model, no_dropout, tiny_inputs):
+    """Unmerging the first of two widened adapters removes its own units, not the other's."""
+    family = "bert"
+    model = build_parallel(tiny_model, no_dropout, family, PARALLEL_CONFIGS["linear"])
+    model.add_adapter("second", PARALLEL_CONFIGS["channel-scaling"])
+    randomize_bottleneck(model, "second", seed=4)
+    input_ids = tiny_inputs(family)
+    base = base_state(model)
+    base_width = model.config.intermediate_size
+    model.set_active_adapters("second")
+    second_only = forward(model, family, input_ids)
+    model.set_active_adapters(None)
+
+    model.merge_adapter("par")
+    model.merge_adapter("second")
+    model.unmerge_adapter("par")
+    torch.testing.assert_close(forward(model, family, input_ids), second_only, **OUTPUT_TOLERANCE)
+    assert model.config.intermediate_size == base_width + 16
+    model.unmerge_adapter("second")
+    assert_base_restored(model, base, "after both unmerges")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
+def test_parallel_merge_rejects_pre_norm_blocks(tiny_model, family):
+    model = adapterkit.init(tiny_model(family))
+    model.add_adapter("par", PARALLEL_CONFIGS["linear"], set_active=True)
+    base = base_state(model)
+    with pytest.raises(ValueError, match="normalise the residual input before their first projection"):
+        model.merge_adapter("par")
+    assert changed_keys(model, base) == []
     assert model.merged_adapters == []
+
+
+def test_parallel_merge_rejects_lora_on_feed_forward(tiny_model):
+    model = adapterkit.init(tiny_model("bert"))
+    model.add_adapter("par", PARALLEL_CONFIGS["linear"])
+    model.add_adapter("lora", LoRAConfig(targets=("ff_out",)))
+    with pytest.raises(ValueError, match="Cannot merge adapter 'par'.*adapter 'lora' has LoRA or \\(IA\\)\\^3"):
+        model.merge_adapter("par")
+    model.delete_adapter("lora")
+    model.merge_adapter("par")
+    # A LoRA added to the widened layer is shaped for the new width, so unmerging raises while it exists.
+    model.add_adapter("late", LoRAConfig(targets=("ff_in",)))
+    with pytest.raises(ValueError, match="Cannot unmerge adapter 'par'.*adapter 'late'"):
+        model.unmerge_adapter("par")
+    model.delete_adapter("late")
+    model.unmerge_adapter("par")
+
+
+def test_parallel_merge_rejects_tanh_activation(tiny_model):
+    model = adapterkit.init(tiny_model("bert", hidden_act="tanh"))
+    model.add_adapter("par", PARALLEL_CONFIGS["linear"])
+    with pytest.raises(ValueError, match="activation is hidden_act='tanh'"):
+        model.merge_adapter("par")

@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0"
 
-from .architectures import (ARCHITECTURES, ArchitectureSpec, InputRef, LinearRef, StackSpec, SublayerSpec,
-                            register_architecture)
+from .architectures import (ARCHITECTURES, ArchitectureSpec, FeedForwardShape, InputRef, LinearRef, StackSpec,
+                            SublayerSpec, register_architecture)
 from .composition import Average, BatchSplit, Fuse, Parallel, Split, Stack
 from .config import (PRESETS, AdapterConfig, BottleneckConfig, ConfigUnion, IA3Config, InvertibleConfig, LoRAConfig,
                      MethodConfig, PrefixTuningConfig, PromptTuningConfig)
@@ -18,6 +18,7 @@ __all__ = [
     "BatchSplit",
     "BottleneckConfig",
     "ConfigUnion",
+    "FeedForwardShape",
     "Fuse",
     "IA3Config",
     "InputRef",

@@ -67,6 +67,23 @@ class LinearRef:
 
 
 @dataclass(frozen=True)
+class FeedForwardShape:
+    """The config fields of a feed-forward sublayer that computes ``ff_out(act(ff_in(x)))``.
+
+    Give it only where ``x``, the input of ``ff_in``, is also the residual input that parallel
+    adapters read, as in post-norm blocks (BERT, BART). Merging a parallel adapter with an identity
+    non-linearity then adds units to the sublayer (see ``adapterkit.merge``) and updates ``width``.
+
+    Attributes:
+        width: Name of the model config field that holds the sublayer's inner width.
+        activation: Name of the model config field that names ``act``.
+    """
+
+    width: str
+    activation: str
+
+
+@dataclass(frozen=True)
 class StackSpec:
     """Placement inside the blocks of one stack (the encoder or the decoder).
 
@@ -80,6 +97,8 @@ class StackSpec:
         cross_attention_module: Path of the cross-attention module, if any.
         causal: Whether each position sees only earlier positions (decoders).
         name: ``"encoder"`` or ``"decoder"``.
+        feed_forward_shape: The config fields of the feed-forward sublayer, where its first
+            projection reads the residual input; ``None`` otherwise (pre-norm blocks).
     """
 
     layers: str
@@ -91,6 +110,7 @@ class StackSpec:
     cross_attention_module: str | None = None
     causal: bool = False
     name: str = "encoder"
+    feed_forward_shape: FeedForwardShape | None = None
 
     def sublayers(self) -> dict[str, SublayerSpec]:
         """Return the sublayers of each block by name: ``attention``, ``cross_attention``, ``feed_forward``."""
@@ -161,6 +181,7 @@ def _bert_like_stack(layers: str = "encoder.layer", self_attention: str = "atten
             "ff_out": ("output.dense",),
         },
         attention_module=self_attention,
+        feed_forward_shape=FeedForwardShape("intermediate_size", "hidden_act"),
     )
 
 
@@ -203,6 +224,7 @@ def _distilbert(config: Any) -> ArchitectureSpec:
             "attention_output": ("attention.out_lin",), "ff_in": ("ffn.lin1",), "ff_out": ("ffn.lin2",),
         },
         attention_module="attention",
+        feed_forward_shape=FeedForwardShape("hidden_dim", "activation"),
     )
     return ArchitectureSpec(stacks=(stack,), embeddings="embeddings", final="transformer")
 
@@ -220,6 +242,7 @@ def _mpnet(config: Any) -> ArchitectureSpec:
             "ff_out": ("output.dense",),
         },
         attention_module="attention.attn",
+        feed_forward_shape=FeedForwardShape("intermediate_size", "hidden_act"),
     )
     return ArchitectureSpec(stacks=(stack,), embeddings="embeddings", final="encoder")
 
@@ -343,6 +366,7 @@ def _bart_stack(stack: str) -> StackSpec:
         cross_attention_module="encoder_attn" if decoder else None,
         causal=decoder,
         name=stack,
+        feed_forward_shape=FeedForwardShape(f"{stack}_ffn_dim", "activation_function"),
     )
 
 

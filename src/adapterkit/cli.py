@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--max-length", type=int, default=128, help="truncate texts to this many tokens (default: 128)")
     predict.add_argument("--json", action="store_true", help="print one JSON object per text")
     predict.add_argument("texts", nargs="*", help="texts to classify")
-    merge = commands.add_parser("merge", help="merge LoRA and (IA)^3 adapters into the model and save a plain "
+    merge = commands.add_parser("merge", help="merge LoRA, (IA)^3 and parallel adapters into the model and save a plain "
                                               "transformers model")
     merge.add_argument("--adapter", required=True, type=Path, action="append",
                        help="adapter folder written by train or save_adapter; repeat to merge several in order")

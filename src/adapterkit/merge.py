@@ -4,10 +4,20 @@ A merged adapter stops running through hooks: its effect lives in the base weigh
 costs what the bare model costs. Merging follows the forward pass exactly. At one projection an
 adapter's members act in config order on the projection's matrix ``M`` (the weight as
 ``(out, in)``) and bias ``b``. LoRA adds ``scaling * B A`` to ``M``. (IA)^3 on an output multiplies
-the rows of ``M`` and ``b`` by its vector, and (IA)^3 on the feed-forward output projection
-(``ff_out``) multiplies the columns of ``M``. The forward applies that input scale before the
+the rows of ``M`` and ``b`` by its vector, and (IA)^3 on the input of the feed-forward output
+projection (``ff_out`` with ``ff_out_side="input"``) multiplies the columns of ``M``. The forward applies that input scale before the
 projection, so it also scales what every LoRA at that projection reads: the adapter's merged
 matrix is ``(M + scaling * B A) diag(scale)``.
+
+A parallel bottleneck adapter with an identity non-linearity adds ``U (D x + d) + u`` to the output
+of a feed-forward sublayer ``W2 act(W1 x + b1) + b2`` that reads the same ``x``. For the activations
+in ``WIDENING_ACTIVATIONS``, ``act(z) = z g(z)`` with ``g(z) + g(-z) = 1``, so ``act(z) - act(-z) = z``
+exactly. Merging therefore appends ``2 r`` units to the sublayer: rows ``[D; -D]`` (bias ``[d; -d]``)
+to ``W1`` and columns ``[U, -U]`` to ``W2``, and adds ``u`` to ``b2``. Every block of the stack gets
+the same number of units (zero units where the adapter leaves a block out), and the model config's
+width field grows with them, so ``save_pretrained`` writes a model that transformers loads alone.
+This needs a sublayer whose first projection reads the residual input, as in post-norm blocks (see
+``FeedForwardShape``); pre-norm blocks normalise that input first, so nothing exact exists there.
 
 Merged adapters act first, in merge order, and the active unmerged ones follow in active order.
 A merge or unmerge that would change the model's output is rejected with ``ValueError``. That
@@ -25,7 +35,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .config import IA3Config, LoRAConfig
+from .config import BottleneckConfig, IA3Config, LoRAConfig
+from .methods.phm import PHMLinear
 
 if TYPE_CHECKING:
     from .registry import AdapterRegistry
@@ -33,17 +44,38 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _BOTH = {"lora", "ia3"}
+# Activations with act(z) - act(-z) = z: transformers' names for GELU (exact and tanh forms), ReLU and SiLU.
+WIDENING_ACTIVATIONS = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "gelu_python", "gelu_accurate",
+                        "quick_gelu", "relu", "silu", "swish")
 
 
 # -- checks ---------------------------------------------------------------------------------------
 
+def _scales_input(key: tuple, member: object) -> bool:
+    """Return whether ``member`` at projection ``key`` is an (IA)^3 vector on the projection's input."""
+    return key[2] == "ff_out" and isinstance(member, IA3Config) and member.ff_out_side == "input"
+
+
 def _kinds(registry: AdapterRegistry, name: str) -> dict[tuple, set[str]]:
-    """Return, for each projection site adapter ``name`` touches, the kinds (``lora``, ``ia3``) of its members there."""
+    """Return, for each projection site adapter ``name`` touches, the kinds of its members there.
+
+    The kinds are ``lora``, ``ia3`` (a vector on the output) and ``ia3_in`` (a vector on the input).
+    """
     kinds: dict[tuple, set[str]] = {}
     for key, member, _ in registry.placements_of(name):
         if key[0] == "linear":
-            kinds.setdefault(key, set()).add("lora" if isinstance(member, LoRAConfig) else "ia3")
+            if isinstance(member, LoRAConfig):
+                kind = "lora"
+            elif _scales_input(key, member):
+                kind = "ia3_in"
+            else:
+                kind = "ia3"
+            kinds.setdefault(key, set()).add(kind)
     return kinds
+
+
+def _plain(kinds: set[str]) -> set[str]:
+    return {"ia3" if kind == "ia3_in" else kind for kind in kinds}
 
 
 def _describe(key: tuple) -> str:
@@ -54,7 +86,7 @@ def _describe(key: tuple) -> str:
 def _first_conflict(first: dict[tuple, set[str]], second: dict[tuple, set[str]]) -> tuple | None:
     """Return a site where LoRA and (IA)^3 of the two adapters meet, so their order matters, or None."""
     for key, kinds in first.items():
-        if key in second and kinds | second[key] == _BOTH:
+        if key in second and _plain(kinds | second[key]) == _BOTH:
             return key
     return None
 
@@ -62,20 +94,19 @@ def _first_conflict(first: dict[tuple, set[str]], second: dict[tuple, set[str]])
 def _check_methods(registry: AdapterRegistry, name: str) -> None:
     """Raise ``ValueError`` if adapter ``name`` has a member whose effect no weight matrix can hold."""
     config = registry.entries[name].config
-    others = [m.architecture for m in config.methods if not isinstance(m, (LoRAConfig, IA3Config))]
+    others = [m.architecture for m in config.methods if not isinstance(m, (LoRAConfig, IA3Config, BottleneckConfig))]
     if others:
         raise ValueError(
             f"Adapter {name!r} contains {', '.join(sorted(set(others)))}, which cannot be merged into the base "
-            "weights: only LoRA and (IA)^3 change a linear projection. Bottleneck adapters, prefixes and "
-            "invertible adapters add computation that no existing weight can absorb"
+            "weights: only LoRA, (IA)^3 and parallel bottleneck adapters with an identity non-linearity change "
+            "the base weights. Prefixes, prompts and invertible adapters add computation that no weight can absorb"
         )
+    for member in config.methods:
+        if isinstance(member, BottleneckConfig):
+            _check_parallel(registry, name, member)
     if any(isinstance(m, LoRAConfig) and m.use_gating for m in config.methods):
         raise ValueError(f"Adapter {name!r} has a gated LoRA, whose update depends on the input through its gate, "
                          "so no weight matrix can hold it and it cannot be merged")
-    # TODO: merge an ff_out (IA)^3 vector that scales the output, as checkpoints from adapters have.
-    if any(isinstance(m, IA3Config) and "ff_out" in m.targets and m.ff_out_side == "output" for m in config.methods):
-        raise ValueError(f"Adapter {name!r} has an (IA)^3 vector on the output of ff_out (ff_out_side='output'), "
-                         "which merging does not support yet; keep the adapter unmerged")
 
 
 def _check_unmerged_neighbours(registry: AdapterRegistry, name: str, action: str) -> None:
@@ -94,14 +125,14 @@ def _check_unmerged_neighbours(registry: AdapterRegistry, name: str, action: str
         for key, kinds in mine.items():
             if key not in theirs:
                 continue
-            if key[2] == "ff_out":
-                if "ia3" in kinds and "lora" in theirs[key]:
-                    raise ValueError(
-                        f"Cannot {action} adapter {name!r}: its (IA)^3 vector scales the input of {_describe(key)}, "
-                        f"which the unmerged LoRA of active adapter {other!r} also reads, so the {action} would "
-                        f"change the output. Merge {other!r} first, or deactivate it"
-                    )
-            elif order < position and kinds | theirs[key] == _BOTH:
+            if "ia3_in" in kinds and "lora" in theirs[key]:
+                raise ValueError(
+                    f"Cannot {action} adapter {name!r}: its (IA)^3 vector scales the input of {_describe(key)}, "
+                    f"which the unmerged LoRA of active adapter {other!r} also reads, so the {action} would "
+                    f"change the output. Merge {other!r} first, or deactivate it"
+                )
+            outputs, their_outputs = kinds - {"ia3_in"}, theirs[key] - {"ia3_in"}
+            if order < position and outputs and their_outputs and outputs | their_outputs == _BOTH:
                 raise ValueError(
                     f"Cannot {action} adapter {name!r}: adapter {other!r} runs before it at {_describe(key)} and is not "
                     f"merged, and LoRA and (IA)^3 there do not commute, so the {action} would change the output. "
@@ -130,6 +161,8 @@ def check_unmergeable(registry: AdapterRegistry, name: str) -> None:
     merged after it, and with the unmerged ones as ``check_mergeable`` requires. An inactive
     adapter stops acting when unmerged, which is the point of unmerging it, so it passes.
     """
+    for index in _stack_indices(registry, name):
+        _check_no_linear_members(registry, index, name, "unmerge")
     if name not in registry.active:
         return
     mine = _kinds(registry, name)
@@ -192,7 +225,7 @@ def apply_merge(registry: AdapterRegistry, name: str, sign: int, *, input_scales
             if isinstance(member, LoRAConfig):
                 delta = (module.lora_B.double() @ module.lora_A.double()) * module.scaling
                 operations.append(("add", delta))
-            elif role == "ff_out":
+            elif _scales_input(key, member):
                 if input_scales:
                     scale = module.scale.double()
                     input_scale = scale if input_scale is None else input_scale * scale
@@ -221,6 +254,7 @@ def apply_merge(registry: AdapterRegistry, name: str, sign: int, *, input_scales
         matrix[rows] = weight.to(matrix.dtype)
         if bias is not None:
             layer.bias[rows] = bias.to(layer.bias.dtype)
+    _widen(registry, name, sign)
 
 
 @torch.no_grad()
@@ -232,8 +266,170 @@ def _scale_inputs(registry: AdapterRegistry, name: str) -> None:
             continue
         matrix = _matrix_view(registry.layout.projection(index, role, number))
         for member, module in members:
-            if isinstance(member, IA3Config):
+            if _scales_input(key, member):
                 matrix.copy_((matrix.double() * module.scale.double()[None, :]).to(matrix.dtype))
+
+
+# -- parallel bottleneck adapters: extra feed-forward units ----------------------------------------
+
+def _check_parallel(registry: AdapterRegistry, name: str, member: BottleneckConfig) -> None:
+    """Raise ``ValueError`` unless bottleneck member ``member`` of adapter ``name`` can be merged by widening."""
+    problems = []
+    if not member.parallel:
+        problems.append("it runs in series (parallel=False), so it transforms the sublayer output non-linearly")
+    if member.non_linearity != "identity":
+        problems.append(f"its non-linearity is {member.non_linearity!r}, not 'identity'")
+    if member.projection != "linear":
+        problems.append("its projections are convolutions over the sequence, which mix positions")
+    if member.ln_before or member.ln_after:
+        problems.append("it has its own layer norm (ln_before / ln_after)")
+    if member.use_gating:
+        problems.append("its output is gated by its input (use_gating)")
+    if member.mh_adapter or member.cross_adapter or member.before_head:
+        problems.append("it sits at an attention sublayer or before the head (mh_adapter, cross_adapter or "
+                        "before_head); only feed-forward sublayers can take it")
+    if problems:
+        raise ValueError(f"Adapter {name!r} has a bottleneck adapter that cannot be merged into the base weights: "
+                         f"{'; '.join(problems)}. Only parallel adapters with non_linearity='identity' on the "
+                         "feed-forward sublayer merge exactly")
+    for index in _stack_indices(registry, name):
+        _feed_forward_layers(registry, index, name)
+        _check_no_linear_members(registry, index, name, "merge")
+
+
+def _stack_indices(registry: AdapterRegistry, name: str) -> list[int]:
+    """Return the positions in ``layout.spec.stacks`` of the stacks whose feed-forward sublayers ``name`` adapts."""
+    layout = registry.layout
+    stacks = {id(layout.blocks[key[1]][0]) for key, member, _ in registry.placements_of(name)
+              if isinstance(member, BottleneckConfig) and key[0] == "sublayer"}
+    return [i for i, stack in enumerate(layout.spec.stacks) if id(stack) in stacks]
+
+
+def _feed_forward_layers(registry: AdapterRegistry, stack_index: int,
+                         name: str) -> list[tuple[int, nn.Linear, nn.Linear]]:
+    """Return ``(block, ff_in, ff_out)`` for every block of a stack, raising ``ValueError`` if it cannot widen."""
+    layout = registry.layout
+    stack = layout.spec.stacks[stack_index]
+    shape = stack.feed_forward_shape
+    if shape is None:
+        raise ValueError(
+            f"Adapter {name!r} is a parallel adapter on the {stack.name} feed-forward sublayers of a "
+            f"{layout.family!r} model, which normalise the residual input before their first projection, so no "
+            "weight can hold the adapter. Keep it unmerged (a model family whose first feed-forward projection "
+            "reads the residual input declares a FeedForwardShape in its StackSpec)")
+    activation = getattr(registry.model.config, shape.activation, None)
+    if activation not in WIDENING_ACTIVATIONS:
+        raise ValueError(f"Adapter {name!r} cannot be merged: the {stack.name} feed-forward activation is "
+                         f"{shape.activation}={activation!r}, and merging by widening needs one of "
+                         f"{', '.join(WIDENING_ACTIVATIONS)}")
+    refs = [stack.linear_refs(role) for role in ("ff_in", "ff_out")]
+    if any(len(ref) != 1 or ref[0].parts != 1 for ref in refs):
+        raise ValueError(f"Adapter {name!r} cannot be merged: the {stack.name} feed-forward sublayer needs one ff_in "
+                         "and one ff_out projection, unsliced, to be widened")
+    found = []
+    for index in layout.indices(stack):
+        first, second = layout.projection(index, "ff_in", 0), layout.projection(index, "ff_out", 0)
+        if type(first) is not nn.Linear or type(second) is not nn.Linear or first.bias is None or second.bias is None:
+            raise ValueError(f"Adapter {name!r} cannot be merged: block {index} needs nn.Linear feed-forward "
+                             "projections with biases to be widened")
+        found.append((index, first, second))
+    return found
+
+
+def _check_no_linear_members(registry: AdapterRegistry, stack_index: int, name: str, action: str) -> None:
+    """Raise ``ValueError`` if some adapter has LoRA or (IA)^3 on the feed-forward projections of the stack."""
+    layout = registry.layout
+    blocks = set(layout.indices(layout.spec.stacks[stack_index]))
+    for other in registry.entries:
+        for key, _, _ in registry.placements_of(other):
+            if key[0] == "linear" and key[1] in blocks and key[2] in ("ff_in", "ff_out"):
+                raise ValueError(
+                    f"Cannot {action} adapter {name!r}: it changes the width of the feed-forward projections, and "
+                    f"adapter {other!r} has LoRA or (IA)^3 modules on {_describe(key)}, shaped for the current width. "
+                    f"Delete {other!r} first, or keep {name!r} unmerged")
+
+
+def _widened(registry: AdapterRegistry) -> dict[int, list[tuple[str, int]]]:
+    """Return, per stack position, the merged parallel adapters and the units each added, in order."""
+    return registry.__dict__.setdefault("widened_feed_forward", {})
+
+
+def _dense(projection: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the weight ``(out, in)`` and bias ``(out,)`` of a bottleneck projection, in float64."""
+    if isinstance(projection, PHMLinear):
+        weight = projection.weight().T
+        bias = projection.bias
+    else:
+        weight, bias = projection.weight, projection.bias
+    weight = weight.double()
+    return weight, bias.double() if bias is not None else weight.new_zeros(weight.shape[0])
+
+
+def _scaled_up(adapter: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the up projection's weight ``(hidden, width)`` and bias with the adapter's scaling applied."""
+    up, up_bias = _dense(adapter.up_proj)
+    scaling = adapter.scaling
+    if isinstance(scaling, torch.Tensor):
+        scaling = scaling.double()
+        if scaling.numel() > 1:
+            return up * scaling[:, None], up_bias * scaling
+    return up * scaling, up_bias * scaling
+
+
+def _set_weight(layer: nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Replace the parameters of ``layer`` by ``weight`` ``(out, in)`` and ``bias`` ``(out,)`` of a new shape."""
+    layer.weight = nn.Parameter(weight.to(layer.weight.dtype), requires_grad=layer.weight.requires_grad)
+    layer.bias = nn.Parameter(bias.to(layer.bias.dtype), requires_grad=layer.bias.requires_grad)
+    layer.out_features, layer.in_features = weight.shape
+
+
+@torch.no_grad()
+def _widen(registry: AdapterRegistry, name: str, sign: int) -> None:
+    """Add (``sign=1``) or remove (``sign=-1``) the feed-forward units of parallel adapter members of ``name``."""
+    modules = {key: module for key, member, module in registry.placements_of(name)
+               if isinstance(member, BottleneckConfig) and key[0] == "sublayer"}
+    if not modules:
+        return
+    config = registry.model.config
+    widened = _widened(registry)
+    for stack_index in _stack_indices(registry, name):
+        shape = registry.layout.spec.stacks[stack_index].feed_forward_shape
+        layers = _feed_forward_layers(registry, stack_index, name)
+        entries = widened.setdefault(stack_index, [])
+        width = 2 * next(iter(modules.values())).down_proj.out_features
+        if sign > 0:
+            offset = layers[0][1].out_features
+        else:
+            position = [entry[0] for entry in entries].index(name)
+            offset = layers[0][1].out_features - sum(units for _, units in entries[position:])
+        for index, first, second in layers:
+            adapter = modules.get(("sublayer", index, "feed_forward"))
+            w1, b1 = first.weight.double(), first.bias.double()
+            w2, b2 = second.weight.double(), second.bias.double()
+            if sign > 0:
+                if adapter is None:
+                    down = w1.new_zeros(width // 2, w1.shape[1])
+                    down_bias = w1.new_zeros(width // 2)
+                    up, up_bias = w2.new_zeros(w2.shape[0], width // 2), None
+                else:
+                    down, down_bias = _dense(adapter.down_proj)
+                    up, up_bias = _scaled_up(adapter)
+                w1 = torch.cat([w1, down, -down])
+                b1 = torch.cat([b1, down_bias, -down_bias])
+                w2 = torch.cat([w2, up, -up], dim=1)
+            else:
+                keep = torch.cat([torch.arange(offset), torch.arange(offset + width, w1.shape[0])])
+                w1, b1, w2 = w1[keep], b1[keep], w2[:, keep]
+                up_bias = None if adapter is None else -_scaled_up(adapter)[1]
+            if up_bias is not None:
+                b2 = b2 + up_bias
+            _set_weight(first, w1, b1)
+            _set_weight(second, w2, b2)
+        if sign > 0:
+            entries.append((name, width))
+        else:
+            del entries[position]
+        setattr(config, shape.width, layers[0][1].out_features)
 
 
 # -- the verbs ------------------------------------------------------------------------------------
@@ -348,8 +544,9 @@ def combine(registry: AdapterRegistry, name: str, sources: list[str], weights: l
             of the sources' updates ``scaling * B A``, truncated to ``rank`` by a singular value
             decomposition, so the new adapter is the best rank-``rank`` approximation of that sum
             in the Frobenius norm.
-        rank: Rank of the ``"svd"`` result, an int >= 1; the largest source rank by default. The sum
-            of sources of ranks ``r1`` and ``r2`` has rank at most ``r1 + r2``, so that rank reproduces it.
+        rank: Rank of the ``"svd"`` result, an int >= 1; the largest source rank by default, with
+            ``rank_pattern`` ranks included. The sum of sources of ranks ``r1`` and ``r2`` has rank at
+            most ``r1 + r2``, so that rank reproduces it.
 
     Raises:
         ValueError: For unknown sources, a weight count that does not match, configs that cannot be
@@ -377,7 +574,7 @@ def combine(registry: AdapterRegistry, name: str, sources: list[str], weights: l
         raise ValueError(f"Adapter {name!r}: combination='svd' cannot combine gated LoRA adapters, whose update "
                          "depends on the input")
     if rank is None:
-        rank = max(config.r for config in configs)
+        rank = max(config.max_rank for config in configs)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank={rank!r} is invalid: expected an int >= 1, for example the sum of the source ranks")
     leave_out = tuple(sorted(set.intersection(*(set(config.leave_out) for config in configs))))
