@@ -273,13 +273,13 @@ def prepare_full_finetune(model: nn.Module) -> PreparedModel:
 ROUTING_ADAPTERS = 8
 
 
-def prepare_routing(model: nn.Module) -> tuple[PreparedModel, Callable[[], None] | None]:
+def prepare_routing(model: nn.Module) -> tuple[PreparedModel, Callable[[dict], dict]]:
     """Add ``ROUTING_ADAPTERS`` adapterkit LoRA adapters and activate one of them.
 
     Returns:
         The model with one active adapter (the reference: one adapter for the whole batch), and a
-        function that routes each sample of the batch to its own adapter, or ``None`` while adapterkit
-        has no per-sample routing.
+        function that returns the batch with ``adapter_names`` added, so that row ``i`` runs through
+        adapter ``i % ROUTING_ADAPTERS``.
     """
     import adapterkit
 
@@ -288,7 +288,9 @@ def prepare_routing(model: nn.Module) -> tuple[PreparedModel, Callable[[], None]
         model.add_adapter(f"route{index}", _adapterkit_config("lora"))
     # train_adapter freezes the base model and activates route0 alone.
     model.train_adapter("route0")
-    # STUB: adapterkit has no API yet to route sample i of a batch to adapter i. When it exists, return
-    # a function here that sets that routing, and the worker times inference with it.
-    route_per_sample = None
+
+    def route_per_sample(batch: dict) -> dict:
+        rows = next(iter(batch.values())).shape[0]
+        return {**batch, "adapter_names": [f"route{i % ROUTING_ADAPTERS}" for i in range(rows)]}
+
     return PreparedModel(model, save=lambda folder: None), route_per_sample

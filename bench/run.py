@@ -166,15 +166,12 @@ def _measure_inference(record: _Recorder, prepared, batch: dict, spec: dict, dev
             record.fail("merged_inference", error)
 
     if spec["method"] == ROUTING:
-        if route_per_sample is None:
-            result["routing"] = {"status": "not implemented", "adapters": 8,
-                                 "note": "adapterkit has no per-sample routing API yet; inference_s is one "
-                                         "LoRA adapter active for the whole batch, with 8 adapters loaded"}
-        else:
-            route_per_sample()
+        try:
+            result["routed_inference_s"], _ = measure.time_inference(
+                prepared.model, route_per_sample(batch), spec["warmup"], spec["inference_steps"], device)
             result["routing"] = {"status": "ok", "adapters": 8}
-            result["routed_inference_s"], _ = measure.time_inference(prepared.model, batch, spec["warmup"],
-                                                                     spec["inference_steps"], device)
+        except Exception as error:  # noqa: BLE001
+            record.fail("routed_inference", error)
 
 
 def _measure_checkpoint(record: _Recorder, prepared) -> None:
