@@ -191,20 +191,18 @@ def test_lora_from_peft_per_module_ranks(family, options, tiny_model, tiny_input
         assert checkpoint.config.leave_out == (0,)
 
 
-def test_lora_from_peft_notes_padding(tiny_model, tmp_path):
+def test_lora_from_peft_keeps_module_ranks(tiny_model, tmp_path):
     base = tiny_model("bert")
     _peft_reference(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
                                           rank_pattern={"value": 2}, task_type="SEQ_CLS"), tmp_path, ("lora_",))
 
     checkpoint = read_peft(adapterkit.init(copy.deepcopy(base))._adapterkit, tmp_path)
 
-    assert checkpoint.config.r == 4
-    value_a = checkpoint.weights["methods.0.layers.0.value.0.lora_A"]
-    assert value_a.shape == (4, 32)
-    assert torch.count_nonzero(value_a[2:]) == 0
-    notes = " ".join(checkpoint.info["notes"])
-    assert "padded with zeros" in notes
-    assert "scaling" in notes
+    # No zero padding and no scaling folded into lora_B: value keeps rank 2 and alpha 8 (scaling 4).
+    assert checkpoint.config == LoRAConfig(r=4, alpha=8, targets=("query", "value"), rank_pattern={"value": 2})
+    assert checkpoint.weights["methods.0.layers.0.value.0.lora_A"].shape == (2, 32)
+    assert checkpoint.weights["methods.0.layers.0.query.0.lora_A"].shape == (4, 32)
+    assert not any("padded" in note for note in checkpoint.info["notes"])
 
 
 # -- PEFT -> adapterkit: (IA)^3 -------------------------------------------------------------------
@@ -424,12 +422,20 @@ PREFIX_TO_PEFT = [
 def test_prefix_to_peft_matches_shifted(family, model_class, flat, tiny_model, tiny_inputs, tmp_path):
     base = _body_model(tiny_model, family, model_class)
     ids = tiny_inputs(family)
-    config = PrefixTuningConfig(prefix_length=PREFIX_LENGTH, bottleneck_size=16, flat=flat)
+    config = PrefixTuningConfig(prefix_length=PREFIX_LENGTH, bottleneck_size=16, flat=flat, shift_positions=True)
 
     model, peft_model = _write_and_load_in_peft(base, config, tmp_path)
-    positions = _shifted_positions(model, ids, PREFIX_LENGTH)
 
-    _assert_close(_outputs(model, ids, position_ids=positions), _outputs(peft_model, ids), _outputs(base, ids))
+    _assert_close(_outputs(model, ids), _outputs(peft_model, ids), _outputs(base, ids))
+
+
+def test_prefix_to_peft_rejects_unshifted_positions(tiny_model, tmp_path):
+    model = adapterkit.init(_body_model(tiny_model, "gpt2", transformers.AutoModelForCausalLM))
+    model.add_adapter("prefix", PrefixTuningConfig(prefix_length=PREFIX_LENGTH))
+
+    with pytest.raises(ValueError, match=r"shift_positions=False.*PrefixTuningConfig\(shift_positions=True\)"):
+        model.save_adapter(tmp_path, "prefix", format="peft")
+    assert not (tmp_path / "adapter_config.json").exists()
 
 
 def test_lora_round_trip_keeps_weights(tiny_model, tmp_path):
@@ -610,13 +616,31 @@ def test_load_adapter_unknown_folder_raises(tiny_model, tmp_path):
         model.load_adapter(tmp_path)
 
 
-def test_write_rejects_ia3_on_ff_out_output(tiny_model, tmp_path):
-    model = adapterkit.init(tiny_model("llama"))
-    model.add_adapter("scale", IA3Config(targets=("ff_out",), ff_out_side="output"))
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "t5"])
+def test_ia3_output_side_of_ff_out_round_trips(family, tiny_model, tiny_inputs, tmp_path):
+    """ff_out_side='output' is an ordinary (out, 1) PEFT vector outside feedforward_modules, both ways."""
+    base = tiny_model(family)
+    ids = tiny_inputs(family)
+    config = IA3Config(targets=("value", "ff_out"), ff_out_side="output")
 
-    with pytest.raises(ValueError, match="ff_out_side='output'"):
-        model.save_adapter(tmp_path, "scale", format="peft")
-    assert not (tmp_path / "adapter_model.safetensors").exists()
+    model, peft_model = _write_and_load_in_peft(base, config, tmp_path, mean=1.0)
+
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["feedforward_modules"] == []
+    _assert_close(_outputs(model, ids), _outputs(peft_model, ids), _outputs(base, ids))
+    checkpoint = read_peft(adapterkit.init(copy.deepcopy(base))._adapterkit, tmp_path)
+    # GPT-2's fused c_attn comes back with vectors of ones on the query and key parts.
+    assert checkpoint.config.ff_out_side == "output"
+    assert {"value", "ff_out"} <= set(checkpoint.config.targets)
+
+
+def test_read_rejects_ia3_with_both_ff_out_sides(tiny_model, tmp_path):
+    base = tiny_model("bert")
+    config = peft.IA3Config(target_modules=r".*layer\.\d+\.output\.dense", feedforward_modules=r".*layer\.0\.output\.dense",
+                            task_type="SEQ_CLS")
+    _peft_reference(base, config, tmp_path, ("ia3_l",), mean=1.0)
+
+    with pytest.raises(ValueError, match=r"scales the input of the ff_out layers .*layer\.0.* and the output of"):
+        read_peft(adapterkit.init(base)._adapterkit, tmp_path)
 
 
 def test_prefix_shift_with_padding_matches_peft(tiny_model, tmp_path):
@@ -638,3 +662,133 @@ def test_prefix_shift_rejected_without_position_rule(tiny_model):
 
     with pytest.raises(ValueError, match="no position_ids rule"):
         model.add_adapter("shifted", PrefixTuningConfig(prefix_length=2, shift_positions=True))
+
+
+# -- per-module ranks (rank_pattern, alpha_pattern) ---------------------------------------------
+
+def _lora_parameter_count(peft_model):
+    return sum(parameter.numel() for name, parameter in peft_model.named_parameters() if "lora_" in name)
+
+
+def _trainable_count(model, name):
+    model.train_adapter(name)
+    return sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+
+
+LORA_PATTERNS_FROM_PEFT = [
+    ("bert", dict(target_modules=["query", "value", "intermediate.dense"],
+                  rank_pattern={"value": 2, "layer.1.attention.self.query": 6},
+                  alpha_pattern={"intermediate.dense": 3, "layer.0.attention.self.value": 1})),
+    # gate_proj and up_proj are both ff_in, so their ranks need projection numbers.
+    ("llama", dict(target_modules=["q_proj", "gate_proj", "up_proj"],
+                   rank_pattern={"layers.1.mlp.up_proj": 2, "q_proj": 6}, alpha_pattern={"gate_proj": 2})),
+    # Decoder blocks have a self-attention and a cross-attention q_proj, both of role query.
+    ("bart", dict(target_modules=["q_proj", "fc2"], rank_pattern={"encoder_attn.q_proj": 2, "fc2": 3},
+                  alpha_pattern={"decoder.layers.1.self_attn.q_proj": 3})),
+    ("t5", dict(target_modules=["q", "wi_0", "wi_1"],
+                rank_pattern={"wi_1": 2, "decoder.block.1.layer.1.EncDecAttention.q": 3})),
+]
+
+
+@pytest.mark.parametrize("family, options", LORA_PATTERNS_FROM_PEFT, ids=[case[0] for case in LORA_PATTERNS_FROM_PEFT])
+def test_lora_patterns_from_peft_keep_parameter_count(family, options, tiny_model, tiny_inputs, tmp_path):
+    base = tiny_model(family)
+    ids = tiny_inputs(family)
+    config = peft.LoraConfig(r=4, lora_alpha=8, task_type="SEQ_CLS", modules_to_save=HEAD_TO_SAVE.get(family),
+                             **options)
+    peft_model = _peft_reference(base, config, tmp_path, ("lora_",))
+
+    model, checkpoint = _load_with_adapterkit(base, tmp_path)
+
+    _assert_close(_outputs(model, ids), _outputs(peft_model, ids), _outputs(base, ids))
+    assert checkpoint.config.rank_pattern, "per-module ranks must land in rank_pattern"
+    assert not any("padded" in note or "multiplied" in note for note in checkpoint.info["notes"])
+    methods = model._adapterkit.modules_of("peft")["methods"]
+    assert sum(parameter.numel() for parameter in methods.parameters()) == _lora_parameter_count(peft_model)
+    assert _trainable_count(model, "peft") == peft_model.get_nb_trainable_parameters()[0]
+
+
+def test_lora_patterns_from_peft_with_rslora(tiny_model, tiny_inputs, tmp_path):
+    base = tiny_model("bert")
+    ids = tiny_inputs("bert")
+    config = peft.LoraConfig(r=4, lora_alpha=6, use_rslora=True, target_modules=["query", "value"],
+                             rank_pattern={"value": 9}, task_type="SEQ_CLS")
+    peft_model = _peft_reference(base, config, tmp_path, ("lora_",))
+
+    model, checkpoint = _load_with_adapterkit(base, tmp_path)
+
+    # PEFT scales by lora_alpha / sqrt(r): 6 / 2 for query and 6 / 3 for value, so alpha = scaling * r.
+    assert checkpoint.config.rank_pattern == {"value": 9}
+    assert _module_of(model, "peft", 0, "query").scaling == pytest.approx(3.0)
+    assert _module_of(model, "peft", 0, "value").scaling == pytest.approx(2.0)
+    _assert_close(_outputs(model, ids), _outputs(peft_model, ids), _outputs(base, ids))
+
+
+def _module_of(model, name, block, role, number=0):
+    return model._adapterkit.modules_of(name)["methods"]["0"]["layers"][str(block)][role][number]
+
+
+LORA_PATTERNS_TO_PEFT = [
+    ("bert", LoRAConfig(r=4, alpha=8, targets=("query", "value", "ff_in"), rank_pattern={"value": 2, "1.query": 6},
+                        alpha_pattern={"ff_in": 3, "0.value": 1})),
+    ("llama", LoRAConfig(r=4, alpha=8, targets=("key", "ff_in"), rank_pattern={"ff_in.1": 2, "0.key": 5},
+                         alpha_pattern={"1.ff_in.0": 2})),
+    ("bart", LoRAConfig(r=4, alpha=8, targets=("query", "ff_out"), rank_pattern={"query.1": 2, "2-3.ff_out": 3},
+                        leave_out=(1,))),
+]
+
+
+@pytest.mark.parametrize("family, config", LORA_PATTERNS_TO_PEFT, ids=[case[0] for case in LORA_PATTERNS_TO_PEFT])
+def test_lora_patterns_to_peft_match(family, config, tiny_model, tiny_inputs, tmp_path):
+    base = tiny_model(family)
+    ids = tiny_inputs(family)
+
+    model, peft_model = _write_and_load_in_peft(base, config, tmp_path)
+
+    _assert_close(_outputs(model, ids), _outputs(peft_model, ids), _outputs(base, ids))
+    methods = model._adapterkit.modules_of("mine")["methods"]
+    assert sum(parameter.numel() for parameter in methods.parameters()) == _lora_parameter_count(peft_model)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert written["rank_pattern"], "the per-module ranks must be written as PEFT's rank_pattern"
+
+
+@pytest.mark.parametrize("family, config", LORA_PATTERNS_TO_PEFT, ids=[case[0] for case in LORA_PATTERNS_TO_PEFT])
+def test_lora_patterns_round_trip_through_peft(family, config, tiny_model, tmp_path):
+    model = adapterkit.init(tiny_model(family))
+    model.add_adapter("mine", config)
+    _randomize_adapter(model, "mine")
+    write_peft(model._adapterkit, "mine", tmp_path)
+
+    checkpoint = read_peft(adapterkit.init(tiny_model(family))._adapterkit, tmp_path)
+
+    # The patterns read back may be written with other keys, but must give every module its rank and alpha.
+    read = checkpoint.config
+    assert (read.targets, read.leave_out) == (config.targets, config.leave_out)
+    for key, _, module in model._adapterkit.placements_of("mine"):
+        _, block, role, number = key
+        assert read.rank_for(block, role, number) == module.r, key
+        assert read.alpha_for(block, role, number) == module.alpha, key
+    for key, value in model._adapterkit.modules_of("mine").state_dict().items():
+        assert torch.equal(checkpoint.weights[key], value), key
+
+
+def test_lora_patterns_on_fused_layer_to_peft(tiny_model, tiny_inputs, tmp_path, caplog):
+    base = tiny_model("gpt2")
+    ids = tiny_inputs("gpt2")
+    # Block 0: query (r 2, alpha 4) and value (r 4, alpha 8) share the scaling 2. Block 1: query has 1 / 2.
+    config = LoRAConfig(r=2, alpha=4, targets=("query", "value"), rank_pattern={"value": 4},
+                        alpha_pattern={"value": 8, "1.query": 1})
+
+    with caplog.at_level("WARNING", logger="adapterkit.formats.peft"):
+        model, peft_model = _write_and_load_in_peft(base, config, tmp_path)
+
+    _assert_close(_outputs(model, ids), _outputs(peft_model, ids), _outputs(base, ids))
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    # One PEFT LoRA per c_attn, of rank 2 + 4 and alpha 4 + 8 (block 0) or 1 + 8 (block 1).
+    assert written["r"] == 6
+    assert written["rank_pattern"] == {}
+    alphas = {written["lora_alpha"], *written["alpha_pattern"].values()}
+    assert alphas == {12, 9}
+    warnings = [record.getMessage() for record in caplog.records if "different scalings" in record.getMessage()]
+    assert len(warnings) == 1
+    assert "transformer.h.1.attn.c_attn" in warnings[0]

@@ -110,6 +110,8 @@ def check_fits(layout: ModelLayout, config: MethodConfig) -> None:
                     raise ValueError(f"targets includes {role!r}, but the {layout.family!r} description lists "
                                      f"no {role!r} projection in the {', '.join(missing)} blocks; remove it from "
                                      "targets or add it to the description's projections")
+            if isinstance(member, LoRAConfig):
+                _check_lora_patterns(layout, member)
         elif isinstance(member, PrefixTuningConfig):
             if member.shift_positions and layout.spec.position_ids is None:
                 raise ValueError(f"shift_positions=True, but the {layout.family!r} description names no position_ids "
@@ -141,6 +143,21 @@ def _check_bottleneck(layout: ModelLayout, config: BottleneckConfig) -> None:
         if encoders:
             raise ValueError(f"kernel_size={config.kernel_size} must be odd in the {', '.join(encoders)} blocks, "
                              f"where the convolution is centred; use {config.kernel_size + 1}")
+
+
+def _check_lora_patterns(layout: ModelLayout, config: LoRAConfig) -> None:
+    """Raise ``ValueError`` for ``rank_pattern`` or ``alpha_pattern`` keys that select no projection of this model."""
+    projections = [(index, role, number) for index, (stack, _) in enumerate(layout.blocks)
+                   if index not in config.leave_out
+                   for role in config.targets for number in range(len(stack.linear_refs(role)))]
+    unmatched = config.unmatched_pattern_keys(projections)
+    if unmatched:
+        counts = ", ".join(f"{role}: {max(len(stack.linear_refs(role)) for stack in layout.spec.stacks)}"
+                           for role in config.targets)
+        raise ValueError(f"rank_pattern or alpha_pattern keys {unmatched} select no projection of this "
+                         f"{layout.family!r} model, which has {len(layout)} blocks (0 to {len(layout) - 1}) and at "
+                         f"most this many projections per block and role ({counts}). Fix the block indices or "
+                         "projection numbers of those keys")
 
 
 def _check_prompt(layout: ModelLayout) -> None:
@@ -212,7 +229,8 @@ def _build_projections(layout: ModelLayout, config: LoRAConfig | IA3Config) -> n
                 in_features, out_features = linear_shape(layout.projection(index, role, number))
                 out_features //= reference.parts
                 if isinstance(config, LoRAConfig):
-                    modules.append(LoRA(in_features, out_features, config.r, config.alpha, dropout=config.dropout,
+                    modules.append(LoRA(in_features, out_features, config.rank_for(index, role, number),
+                                        config.alpha_for(index, role, number), dropout=config.dropout,
                                         init_weights=config.init_weights, use_gating=config.use_gating))
                 else:
                     scales_input = role == "ff_out" and config.ff_out_side == "input"

@@ -21,11 +21,15 @@ adapted module by its path in the transformers model (checked against PEFT 0.21.
   ``base_model.<module>.<parameter>`` for prefix and prompt tuning.
 
 adapterkit places LoRA and (IA)^3 by role (``query``, ``ff_out``, ...) on every block that is not
-left out, with one rank and one ``alpha``. ``read_peft`` maps a PEFT checkpoint onto that form
-exactly. It pads lower ranks with zeros and folds per-module scalings into ``lora_B``. Projections
-of an adapted role that PEFT left alone get a zero LoRA or an all-ones (IA)^3 vector. A LoRA on
-GPT-2's fused ``c_attn`` becomes one LoRA per part (query, key, value). Each such step is listed in
-the returned notes. Whatever cannot be mapped exactly raises ``ValueError``.
+left out. ``read_peft`` maps a PEFT checkpoint onto that form exactly. Per-module LoRA ranks and
+``alpha`` values go into ``LoRAConfig.rank_pattern`` and ``alpha_pattern``, so each module keeps
+PEFT's rank and scaling. Projections of an adapted role that PEFT left alone get a zero LoRA or an
+all-ones (IA)^3 vector. A LoRA on GPT-2's fused ``c_attn`` becomes one LoRA per part (query, key,
+value). Each such step is listed in the returned notes. Whatever cannot be mapped exactly raises
+``ValueError``.
+
+NOTE: a loaded LoRA has as many trainable parameters as PEFT's except after those two steps: the
+zero LoRAs are extra, and each part of a fused layer gets its own copy of ``lora_A``.
 """
 
 from __future__ import annotations
@@ -419,7 +423,9 @@ def _read_lora(registry: AdapterRegistry, peft_config: dict[str, Any], state: di
     use_rslora = bool(peft_config.get("use_rslora", False))
     alpha_pattern = peft_config.get("alpha_pattern") or {}
     default_alpha = peft_config.get("lora_alpha", 8)
-    # Per adapterkit module: (projection, A (rank, in), B rows (out_part, rank), rank, alpha, scaling).
+    # Per adapterkit module: (projection, A (rank, in), B rows (out_part, rank), rank, alpha). adapterkit
+    # scales by alpha / rank, so with use_rslora (PEFT scaling lora_alpha / sqrt(rank)) alpha is
+    # lora_alpha * sqrt(rank).
     pieces = []
     for name, tensors in grouped.items():
         if len(tensors) != 2:
@@ -431,61 +437,103 @@ def _read_lora(registry: AdapterRegistry, peft_config: dict[str, Any], state: di
             raise ValueError(f"The LoRA of {name} has lora_A {tuple(lora_a.shape)} and lora_B {tuple(lora_b.shape)}, "
                              f"but the layer maps {in_features} to {out_features} features: expected "
                              f"({rank}, {in_features}) and ({out_features}, {rank})")
-        alpha = _pattern_value(alpha_pattern, name, default_alpha)
-        scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        peft_alpha = _pattern_value(alpha_pattern, name, default_alpha)
+        if isinstance(peft_alpha, bool) or not isinstance(peft_alpha, (int, float)) or peft_alpha <= 0:
+            raise ValueError(f"The LoRA of {name} has lora_alpha {peft_alpha!r}, but adapterkit's LoRA needs an alpha "
+                             "> 0. Set lora_alpha or its alpha_pattern entry to a positive number")
+        alpha = peft_alpha * math.sqrt(rank) if use_rslora else peft_alpha
         for entry in projections[name]:
-            pieces.append((entry, lora_a, lora_b[entry.rows(out_features)], rank, alpha, scaling))
+            pieces.append((entry, lora_a, lora_b[entry.rows(out_features)], rank, alpha))
         if len(projections[name]) > 1:
             roles = ", ".join(entry.role for entry in projections[name])
             notes.append(f"The LoRA of the fused layer {name} becomes one LoRA per part ({roles}), each with the "
                          "same lora_A and its rows of lora_B")
+    if use_rslora:
+        notes.append("use_rslora=True: each module's alpha is lora_alpha * sqrt(r), so that alpha / r equals PEFT's "
+                     "scaling lora_alpha / sqrt(r)")
 
     covered = [piece[0] for piece in pieces]
     targets, leave_out = _targets_and_leave_out(registry, covered)
-    rank = max(piece[3] for piece in pieces)
-    positive = Counter(piece[5] for piece in pieces if piece[5] > 0)
-    reference_scaling = positive.most_common(1)[0][0] if positive else 1.0
-    # Keep PEFT's alpha itself where a module of full rank has the reference scaling, so the usual
-    # uniform checkpoint keeps its numbers; otherwise alpha = scaling * rank.
-    alpha = next((piece[4] for piece in pieces
-                  if not use_rslora and piece[3] == rank and piece[5] == reference_scaling), reference_scaling * rank)
+    ranks = {(entry.index, entry.role, entry.number): rank for entry, _, _, rank, _ in pieces}
+    alphas = {(entry.index, entry.role, entry.number): alpha for entry, _, _, _, alpha in pieces}
+    rank = _common_value(list(ranks.values()), peft_config.get("r"))
+    alpha = _common_value(list(alphas.values()), None if use_rslora else default_alpha)
+    config = LoRAConfig(r=rank, alpha=alpha, dropout=float(peft_config.get("lora_dropout", 0.0) or 0.0),
+                        targets=targets, leave_out=leave_out, rank_pattern=_compact_pattern(ranks, rank),
+                        alpha_pattern=_compact_pattern(alphas, alpha))
 
     weights: dict[str, torch.Tensor] = {}
-    padded = folded = 0
-    for entry, lora_a, lora_b, piece_rank, _, scaling in pieces:
-        factor = scaling / reference_scaling
-        padded_a = lora_a.new_zeros(rank, lora_a.shape[1])
-        padded_a[:piece_rank] = lora_a
-        padded_b = lora_b.new_zeros(lora_b.shape[0], rank)
-        padded_b[:, :piece_rank] = lora_b if factor == 1.0 else (lora_b.double() * factor).to(lora_b.dtype)
-        weights[f"{entry.key}.lora_A"] = padded_a
-        weights[f"{entry.key}.lora_B"] = padded_b
-        padded += piece_rank < rank
-        folded += factor != 1.0
-    if padded:
-        notes.append(f"{padded} LoRA modules have a rank below {rank}; their lora_A rows and lora_B columns are "
-                     f"padded with zeros to rank {rank}")
-    if folded:
-        notes.append(f"{folded} LoRA modules have another scaling than {reference_scaling:g}; their lora_B is "
-                     f"multiplied by (their scaling / {reference_scaling:g}), so training it further changes "
-                     "their effective learning rate")
+    for entry, lora_a, lora_b, _, _ in pieces:
+        weights[f"{entry.key}.lora_A"] = lora_a
+        weights[f"{entry.key}.lora_B"] = lora_b
 
     # lora_B = 0 keeps these modules' output at zero. lora_A gets LoRA's usual Kaiming-uniform draw
     # (bound 1 / sqrt(in_features)), from a fixed seed so that reading is deterministic, so that
-    # training can move them.
+    # training can move them. Their rank is the one the config gives them.
     missing = _uncovered(registry, projections, targets, leave_out, covered)
     generator = torch.Generator().manual_seed(0)
     for name, entry in missing:
         in_features, out_features = linear_shape(entry.layer)
         bound = 1.0 / math.sqrt(in_features)
-        weights[f"{entry.key}.lora_A"] = (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
-        weights[f"{entry.key}.lora_B"] = torch.zeros(out_features // entry.ref.parts, rank)
+        missing_rank = config.rank_for(entry.index, entry.role, entry.number)
+        weights[f"{entry.key}.lora_A"] = (torch.rand(missing_rank, in_features, generator=generator) * 2 - 1) * bound
+        weights[f"{entry.key}.lora_B"] = torch.zeros(out_features // entry.ref.parts, missing_rank)
     _note_uncovered(notes, missing, "lora_B = 0 and a new lora_A")
-
-    config = LoRAConfig(r=rank, alpha=alpha, dropout=float(peft_config.get("lora_dropout", 0.0) or 0.0),
-                        targets=targets, leave_out=leave_out)
     return config, weights
 
+
+def _common_value(values: list[Any], preferred: Any) -> Any:
+    """Return the most frequent of ``values``, or ``preferred`` where it ties for most frequent."""
+    counts = Counter(values)
+    if preferred is not None and counts.get(preferred, 0) == max(counts.values()):
+        return preferred
+    return counts.most_common(1)[0][0]
+
+
+def _block_list(blocks: list[int]) -> str:
+    """Return block indices in the pattern key notation, with runs as ranges: ``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
+    items = []
+    for block in sorted(set(blocks)):
+        if items and items[-1][1] == block - 1:
+            items[-1][1] = block
+        else:
+            items.append([block, block])
+    return ",".join(str(first) if first == last else f"{first}-{last}" for first, last in items)
+
+
+def _compact_pattern(values: dict[tuple[int, str, int], Any], default: Any) -> dict[str, Any]:
+    """Return a ``LoRAConfig`` pattern that gives each ``(block, role, number)`` of ``values`` its value.
+
+    A role whose most frequent value differs from ``default`` gets a role key. Blocks where the role
+    has another value get a ``"<blocks>.<role>"`` key, or ``"<blocks>.<role>.<number>"`` keys where
+    the block's projections of the role differ. Those keys outrank the role key, and keys of one
+    kind never select a common projection, so the pattern is valid and exact.
+    """
+    pattern: dict[str, Any] = {}
+    groups: dict[tuple[str, int | None, Any], list[int]] = {}
+    for role in ROLES:
+        by_block: dict[int, dict[int, Any]] = {}
+        for (block, key_role, number), value in values.items():
+            if key_role == role:
+                by_block.setdefault(block, {})[number] = value
+        if not by_block:
+            continue
+        role_value = _common_value([v for numbered in by_block.values() for v in numbered.values()], default)
+        if role_value != default:
+            pattern[role] = role_value
+        for block, numbered in sorted(by_block.items()):
+            distinct = set(numbered.values())
+            if distinct == {role_value}:
+                continue
+            if len(distinct) == 1:
+                groups.setdefault((role, None, distinct.pop()), []).append(block)
+                continue
+            for number, value in sorted(numbered.items()):
+                if value != role_value:
+                    groups.setdefault((role, number, value), []).append(block)
+    for (role, number, value), blocks in groups.items():
+        pattern[f"{_block_list(blocks)}.{role}" + ("" if number is None else f".{number}")] = value
+    return pattern
 
 def _read_ia3(registry: AdapterRegistry, peft_config: dict[str, Any], state: dict[str, torch.Tensor],
               notes: list[str]) -> tuple[IA3Config, dict[str, torch.Tensor]]:
@@ -497,6 +545,7 @@ def _read_ia3(registry: AdapterRegistry, peft_config: dict[str, Any], state: dic
     weights: dict[str, torch.Tensor] = {}
     covered: list[_Projection] = []
     wrong_side = []
+    ff_out_sides: dict[str, list[str]] = {"input": [], "output": []}
     for name, tensors in grouped.items():
         vector = tensors["ia3_l"]
         in_features, out_features = linear_shape(projections[name][0].layer)
@@ -508,26 +557,34 @@ def _read_ia3(registry: AdapterRegistry, peft_config: dict[str, Any], state: dic
             raise ValueError(f"The (IA)^3 vector of {name} has shape {tuple(vector.shape)}: expected "
                              f"({out_features}, 1) for its output or (1, {in_features}) for its input")
         for entry in projections[name]:
-            if scales_input != (entry.role == "ff_out") or (scales_input and entry.ref.parts > 1):
-                side = "input" if scales_input else "output"
-                wrong_side.append(f"{name} ({entry.role}, PEFT scales its {side})")
+            if (scales_input and entry.role != "ff_out") or (scales_input and entry.ref.parts > 1):
+                wrong_side.append(f"{name} ({entry.role}, PEFT scales its input)")
                 continue
+            if entry.role == "ff_out":
+                ff_out_sides["input" if scales_input else "output"].append(name)
             flat = vector.flatten()
             weights[f"{entry.key}.scale"] = flat if scales_input else flat[entry.rows(out_features)]
             covered.append(entry)
     if wrong_side:
-        raise ValueError(f"adapterkit's (IA)^3 scales the input of ff_out projections and the output of every other "
-                         f"role, but the checkpoint scales the other side of {wrong_side}. Train the PEFT adapter "
-                         "with feedforward_modules naming exactly its ff_out layers")
+        raise ValueError(f"adapterkit's (IA)^3 scales the input of ff_out projections only and the output of every "
+                         f"other role, but the checkpoint scales the input of {wrong_side}. Train the PEFT adapter "
+                         "with feedforward_modules naming only ff_out layers")
+    if ff_out_sides["input"] and ff_out_sides["output"]:
+        raise ValueError(f"The (IA)^3 checkpoint scales the input of the ff_out layers {ff_out_sides['input']} and the "
+                         f"output of {ff_out_sides['output']}, but an adapterkit IA3Config scales one side of every "
+                         "ff_out layer (ff_out_side). Train the PEFT adapter with all or none of its ff_out layers in "
+                         "feedforward_modules")
+    ff_out_side = "output" if ff_out_sides["output"] else "input"
 
     targets, leave_out = _targets_and_leave_out(registry, covered)
     missing = _uncovered(registry, projections, targets, leave_out, covered)
     for name, entry in missing:
         in_features, out_features = linear_shape(entry.layer)
-        features = in_features if entry.role == "ff_out" else out_features // entry.ref.parts
+        scales_input = entry.role == "ff_out" and ff_out_side == "input"
+        features = in_features if scales_input else out_features // entry.ref.parts
         weights[f"{entry.key}.scale"] = torch.ones(features)
     _note_uncovered(notes, missing, "an (IA)^3 vector of ones")
-    return IA3Config(targets=targets, leave_out=leave_out), weights
+    return IA3Config(targets=targets, leave_out=leave_out, ff_out_side=ff_out_side), weights
 
 
 def _check_prompt_embeddings(state: dict[str, torch.Tensor], method: str) -> None:
@@ -618,11 +675,14 @@ def write_peft(registry: AdapterRegistry, name: str, directory: str | os.PathLik
     """Write adapter ``name`` as a PEFT checkpoint that ``PeftModel.from_pretrained`` loads onto the base model.
 
     LoRA parts of a fused layer (GPT-2's ``c_attn``) become one LoRA on the layer. Its ``lora_A``
-    stacks the parts' ``A`` matrices and its ``lora_B`` is block-diagonal, so its rank is
-    ``parts * r``. Its ``alpha`` is ``parts * alpha``, which keeps the scaling ``alpha / r``.
-    ``rank_pattern`` and ``alpha_pattern`` set both. Prefix tuning is written flat: a prefix MLP is
-    saved as its output, as PEFT does. The head, if the model has one, is saved through
-    ``modules_to_save``. The weights file is written before the config, each through a temporary file.
+    stacks the parts' ``A`` matrices and its ``lora_B`` is block-diagonal, so its rank is the sum
+    of the parts' ranks. Its ``alpha`` is the sum of theirs, which keeps the scaling ``alpha / r``
+    where the parts share it. Otherwise each part's ``lora_B`` absorbs the difference.
+    ``rank_pattern`` and ``alpha_pattern`` give each layer its rank and ``alpha``.
+
+    Prefix tuning is written flat: a prefix MLP is saved as its output, as PEFT does. The head, if
+    the model has one, is saved through ``modules_to_save``. The weights file is written before the
+    config, each through a temporary file.
 
     NOTE: PEFT 0.21's sequence classification wrapper rejects prefix tuning on transformers 5
     ("Model does not support past key values"), so a prefix written from a
@@ -747,6 +807,36 @@ def _target_names(model: nn.Module, layer_names: list[str]) -> list[str]:
     return sorted(found)
 
 
+def _fuse_parts(name: str, entry: dict[str, Any], modules: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                     int, float]:
+    """Return ``(lora_A, lora_B, rank, alpha)`` of one PEFT LoRA on a fused layer from the LoRA of each part.
+
+    ``lora_A`` stacks the parts' ``A`` matrices and ``lora_B`` is block-diagonal, so the update of
+    each part's output rows is that part's own ``B A``. The rank and ``alpha`` are the sums over the
+    parts, which keep each part's scaling ``alpha / r`` where the parts share it. Otherwise each
+    part's ``B`` is multiplied by its scaling over the fused scaling, which keeps the output exact.
+    """
+    _, out_features = linear_shape(entry["layer"])
+    width = out_features // entry["parts"]
+    rank = sum(module.r for module in modules)
+    alpha = sum(module.alpha for module in modules)
+    lora_a = torch.cat([module.lora_A for module in modules])
+    lora_b = lora_a.new_zeros(out_features, rank)
+    column = 0
+    folded = False
+    for (part, _), module in zip(sorted(entry["modules"]), modules):
+        factor = module.scaling / (alpha / rank)
+        block = module.lora_B if factor == 1.0 else (module.lora_B.double() * factor).to(module.lora_B.dtype)
+        lora_b[part * width:(part + 1) * width, column:column + module.r] = block
+        column += module.r
+        folded = folded or factor != 1.0
+    if folded:
+        logger.warning("The LoRA parts of the fused layer %s have different scalings (alpha / r), but PEFT has one "
+                       "per layer, so each part's lora_B is multiplied by its scaling over %g. Outputs match, but "
+                       "training the checkpoint in PEFT updates those parts at other rates", name, alpha / rank)
+    return lora_a, lora_b, rank, alpha
+
+
 def _lora_to_peft(registry: AdapterRegistry, config: LoRAConfig,
                   tree: nn.ModuleDict) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if config.use_gating:
@@ -757,21 +847,15 @@ def _lora_to_peft(registry: AdapterRegistry, config: LoRAConfig,
     layers = _adapted_layers(registry, tree)
     for name, entry in layers.items():
         modules = [entry["modules"][key] for key in sorted(entry["modules"])]
-        count = len(modules)
         if entry["parts"] == 1:
-            lora_a, lora_b = modules[0].lora_A, modules[0].lora_B
+            weights[f"{name}.lora_A.weight"] = modules[0].lora_A
+            weights[f"{name}.lora_B.weight"] = modules[0].lora_B
+            shapes[name] = (modules[0].r, modules[0].alpha)
         else:
-            # One block of lora_A rows and one diagonal block of lora_B per part, so the update of each
-            # part's output rows is that part's own B A.
-            _, out_features = linear_shape(entry["layer"])
-            width = out_features // entry["parts"]
-            lora_a = torch.cat([module.lora_A for module in modules])
-            lora_b = lora_a.new_zeros(out_features, count * config.r)
-            for slot, (part, _) in enumerate(sorted(entry["modules"])):
-                lora_b[part * width:(part + 1) * width, slot * config.r:(slot + 1) * config.r] = modules[slot].lora_B
-        weights[f"{name}.lora_A.weight"] = lora_a
-        weights[f"{name}.lora_B.weight"] = lora_b
-        shapes[name] = (count * config.r, count * config.alpha if entry["parts"] > 1 else config.alpha)
+            lora_a, lora_b, rank, alpha = _fuse_parts(name, entry, modules)
+            weights[f"{name}.lora_A.weight"] = lora_a
+            weights[f"{name}.lora_B.weight"] = lora_b
+            shapes[name] = (rank, alpha)
 
     rank, alpha = Counter(shapes.values()).most_common(1)[0][0]
     conv1d = [type(entry["layer"]).__name__ == "Conv1D" for entry in layers.values()]
@@ -803,17 +887,15 @@ def _ia3_configs(registry: AdapterRegistry, tree: nn.ModuleDict) -> list[IA3Conf
 
 
 def _ia3_to_peft(registry: AdapterRegistry, tree: nn.ModuleDict) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    # TODO: write ff_out_side="output" as a PEFT vector of shape (out, 1) outside feedforward_modules.
-    for config in _ia3_configs(registry, tree):
-        if "ff_out" in config.targets and config.ff_out_side == "output":
-            raise ValueError("Writing an (IA)^3 vector on the output of ff_out (ff_out_side='output') in PEFT format "
-                             "is not supported yet; save it in adapterkit or adapters format")
+    # An ff_out vector on the input is a (1, in) vector of a feed-forward module in PEFT; one on the output is
+    # an ordinary (out, 1) vector.
+    scales_input = all(config.ff_out_side == "input" for config in _ia3_configs(registry, tree))
     weights: dict[str, torch.Tensor] = {}
     feedforward = []
     layers = _adapted_layers(registry, tree)
     for name, entry in layers.items():
         in_features, out_features = linear_shape(entry["layer"])
-        if any(role == "ff_out" for _, role in entry["modules"]):
+        if scales_input and any(role == "ff_out" for _, role in entry["modules"]):
             (module,) = entry["modules"].values()
             weights[f"{name}.ia3_l"] = module.scale.reshape(1, in_features)
             feedforward.append(name)
@@ -855,6 +937,11 @@ def _prefix_to_peft(registry: AdapterRegistry, config: PrefixTuningConfig,
         raise ValueError(f"PEFT puts a prefix on every block, but this adapter leaves out blocks "
                          f"{list(config.leave_out)}; write an adapter with leave_out=()")
     _check_prefix_family(layout.family)
+    if not config.shift_positions:
+        raise ValueError("PEFT passes a prefix to the model as cached keys and values, so the model numbers the real "
+                         "tokens from prefix_length, but this adapter numbers them from 0 (shift_positions=False) and "
+                         "would give other outputs in PEFT. Train it with PrefixTuningConfig(shift_positions=True) to "
+                         "share it in the PEFT format, or save it in the adapterkit or adapters format")
     if config.use_gating:
         raise ValueError("PEFT's prefix tuning has no gate; an adapter with use_gating=True (UniPELT) cannot be "
                          "written in the PEFT format")
