@@ -5,8 +5,8 @@ __version__ = "0.1.0"
 from .architectures import (ARCHITECTURES, ArchitectureSpec, FeedForwardShape, InputRef, LinearRef, StackSpec,
                             SublayerSpec, register_architecture)
 from .composition import Average, BatchSplit, Fuse, Parallel, Split, Stack
-from .config import (PRESETS, AdapterConfig, BottleneckConfig, ConfigUnion, IA3Config, InvertibleConfig, LoRAConfig,
-                     MethodConfig, PrefixTuningConfig, PromptTuningConfig)
+from .config import (PRESETS, AdapterConfig, BottleneckConfig, ConfigUnion, FusionConfig, IA3Config, InvertibleConfig,
+                     LoRAConfig, MethodConfig, PrefixTuningConfig, PromptTuningConfig)
 from .model import init
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "ConfigUnion",
     "FeedForwardShape",
     "Fuse",
+    "FusionConfig",
     "IA3Config",
     "InputRef",
     "InvertibleConfig",

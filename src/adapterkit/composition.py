@@ -3,6 +3,20 @@
 ``model.set_active_adapters(block)`` takes a block built from adapter names and these classes:
 
 - ``Stack(a, b)``: ``a`` then ``b`` at every site, in order. A plain list of names is a ``Stack``.
+- ``Fuse(a, b)``: AdapterFusion (Pfeiffer et al., 2021). At each bottleneck site, an attention
+  layer weighs what each child adds to the hidden state, with the hidden state as the query. The
+  fusion layers are created and trained separately from the adapters::
+
+      model.add_adapter_fusion(Fuse("a", "b"), config="dynamic")
+      model.train_adapter_fusion(Fuse("a", "b"))  # a and b stay frozen
+      model.fit(texts, labels)
+      model.save_adapter_fusion("out/fusion", Fuse("a", "b"))
+
+  A child may be a ``Stack`` of adapters, whose output counts as one value, and a ``Fuse`` may sit
+  inside a ``Stack``: ``Stack(Fuse("a", "b"), "c")``. Every adapter inside a ``Fuse`` must be a
+  bottleneck adapter. The fusion has its own head, which serves a block that ends in the ``Fuse``.
+- ``Split(a, b, splits=[3, 4])``: the first 3 positions of the sequence go through ``a``, the next
+  4 through ``b``. The splits must add up to the sequence length at every site.
 - ``Average(a, b, weights=None)``: every child runs on the same input, and the site output is the
   weighted average of the children's outputs. The weights are normalised to sum to 1 (equal by
   default), so the base output of a LoRA or (IA)^3 projection keeps its scale.
@@ -11,9 +25,11 @@
 - ``Parallel(a, b)``: the model input is repeated once per child, before the first block, and
   branch ``k`` runs on the ``k``-th copy. The outputs come back stacked along the batch dimension:
   rows ``k * batch : (k + 1) * batch`` are branch ``k``'s, and each branch uses the head of its
-  last adapter. A ``BatchSplit`` on top does the same with its row groups.
-- ``Fuse`` and ``Split`` validate their nesting but raise ``NotImplementedError`` when activated,
-  because AdapterFusion and Split are not implemented yet.
+  last adapter (or the fusion's head when it ends in a ``Fuse``). A ``BatchSplit`` on top does the
+  same with its row groups.
+
+``ALLOWED`` is the table of which block may contain which. Activating any other nesting raises a
+``ValueError`` that names both blocks, before any forward runs.
 
 ``compile_site`` turns a block into the ``SitePlan`` that one site runs, and ``run_plan`` runs it
 on a tensor through a site-specific function that applies a list of ``(config, module)`` pairs.
@@ -29,8 +45,11 @@ import torch
 
 # The (config, module) pairs of one adapter, or of a stack of adapters, at one site.
 Pairs = list[tuple[Any, Any]]
-# Applies ``pairs`` to ``hidden``, the rows ``rows`` of the site's batch (``None`` for every row).
-ApplyPairs = Callable[[Pairs, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+# Maps a tensor of the whole site, ``(batch, seq_len, ...)``, to the part that the current plan
+# node runs on: some rows, some positions, or all of it. ``None`` maps to ``None``.
+Select = Callable[["torch.Tensor | None"], "torch.Tensor | None"]
+# Applies ``pairs`` to ``hidden``, the part of the site's tensor that ``select`` picks.
+ApplyPairs = Callable[[Pairs, torch.Tensor, Select], torch.Tensor]
 
 
 class Block:
@@ -115,20 +134,61 @@ class Parallel(Block):
 
 
 class Fuse(Block):
-    """AdapterFusion over the children. Not implemented yet: activating it raises ``NotImplementedError``."""
+    """AdapterFusion over the children: attention over their outputs at every bottleneck site.
+
+    The fusion's weights are added with ``model.add_adapter_fusion(Fuse(...))``; activating a
+    ``Fuse`` looks them up by ``name``.
+
+    Args:
+        *children: Adapter names or ``Stack`` blocks of them.
+        name: The name of the fusion. By default the children joined by ``","``, each ``Stack``
+            written as its adapter names joined by ``"+"``: ``Fuse(Stack("a", "b"), "c")`` is
+            ``"a+b,c"``. For adapter names alone this is the name ``adapters`` 1.3.0 gives.
+    """
+
+    def __init__(self, *children: str | Block, name: str | None = None):
+        super().__init__(*children)
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(f"Fuse name={name!r}: expected a non-empty string or None")
+        self._name = name
+
+    @property
+    def name(self) -> str:
+        """The fusion's name: the one given, or the default built from the children."""
+        if self._name is not None:
+            return self._name
+        return ",".join(child if isinstance(child, str) else "+".join(leaf_names(child))
+                        for child in self.children)
+
+    def _extra_repr(self) -> str:
+        return f", name={self._name!r}" if self._name is not None else ""
 
 
 class Split(Block):
-    """Split the hidden dimension between the children. Not implemented yet: activating it raises.
+    """Send consecutive groups of sequence positions through different children.
+
+    The ``k``-th child runs on positions ``sum(splits[:k])`` to ``sum(splits[:k + 1]) - 1`` of
+    every sequence, as ``Split`` does in ``adapters`` 1.3.0.
 
     Args:
         *children: Adapter names or blocks.
-        splits: The hidden size of each child's part, or one size for the first child.
+        splits: The number of positions for each child, in order, or one number for every child.
+            They must add up to the sequence length at every site the block runs at.
     """
 
-    def __init__(self, *children: str | Block, splits: int | Sequence[int] | None = None):
+    def __init__(self, *children: str | Block, splits: int | Sequence[int]):
         super().__init__(*children)
-        self.splits = splits
+        if isinstance(splits, int) and not isinstance(splits, bool):
+            sizes = [splits] * len(self.children)
+        elif isinstance(splits, Sequence) and not isinstance(splits, str):
+            sizes = [int(size) for size in splits]
+        else:
+            raise ValueError(f"Split splits={splits!r}: expected a number of positions or one number per child")
+        if len(sizes) != len(self.children):
+            raise ValueError(f"Split got splits={sizes} for {len(self.children)} children; pass one size per child")
+        if any(size < 0 for size in sizes):
+            raise ValueError(f"Split splits={sizes} must not be negative")
+        self.splits = sizes
 
     def _extra_repr(self) -> str:
         return f", splits={self.splits}"
@@ -143,7 +203,6 @@ ALLOWED: dict[type, tuple[type, ...]] = {
     BatchSplit: (str, Stack, Split, BatchSplit, Average),
     Average: (str, Stack, Split, BatchSplit),
 }
-NOT_IMPLEMENTED = (Fuse, Split)
 
 
 def as_block(names: str | Block | Iterable[str | Block] | None) -> Block | None:
@@ -176,7 +235,6 @@ def validate(block: str | Block, known_names: Iterable[str]) -> None:
     Raises:
         ValueError: Naming the outer and inner block of a forbidden nesting, every unknown adapter
             name, or a block with more than one ``Parallel``.
-        NotImplementedError: If the block contains ``Fuse`` or ``Split``.
     """
     _check_nesting(block)
     known = set(known_names)
@@ -188,10 +246,38 @@ def validate(block: str | Block, known_names: Iterable[str]) -> None:
     if len(parallels) > 1:
         raise ValueError(f"{block!r} contains {len(parallels)} Parallel blocks; use at most one, because each "
                          "repeats the whole input")
-    unsupported = [type(b).__name__ for b in _find(block, NOT_IMPLEMENTED)]
-    if unsupported:
-        raise NotImplementedError(f"{', '.join(sorted(set(unsupported)))} in {block!r} cannot run yet: "
-                                  "AdapterFusion / Split come later. Use Stack, Average, BatchSplit or Parallel")
+
+
+def block_to_dict(block: str | Block) -> Any:
+    """Return ``block`` as JSON-ready data: an adapter name, or ``{"type", "children"}`` plus the block's options."""
+    if isinstance(block, str):
+        return block
+    data: dict[str, Any] = {"type": type(block).__name__, "children": [block_to_dict(c) for c in block.children]}
+    if isinstance(block, Average):
+        data["weights"] = block.weights
+    elif isinstance(block, BatchSplit):
+        data["batch_sizes"] = block.batch_sizes
+    elif isinstance(block, Split):
+        data["splits"] = block.splits
+    elif isinstance(block, Fuse) and block._name is not None:
+        data["name"] = block._name
+    return data
+
+
+def block_from_dict(data: Any) -> str | Block:
+    """Build the block that ``block_to_dict`` returned.
+
+    Raises:
+        ValueError: For data that describes no block.
+    """
+    if isinstance(data, str):
+        return data
+    kinds = {kind.__name__: kind for kind in ALLOWED}
+    if not isinstance(data, dict) or data.get("type") not in kinds or not isinstance(data.get("children"), list):
+        raise ValueError(f"{data!r} describes no composition block: expected an adapter name or "
+                         f"{{'type': one of {sorted(kinds)}, 'children': [...]}}")
+    options = {key: value for key, value in data.items() if key not in ("type", "children")}
+    return kinds[data["type"]](*[block_from_dict(child) for child in data["children"]], **options)
 
 
 def _check_nesting(block: str | Block) -> None:
@@ -224,13 +310,31 @@ def parallel_branches(block: Block) -> Parallel | None:
     return next(iter(_find(block, Parallel)), None)
 
 
+def find_fusions(block: str | Block) -> list[Fuse]:
+    """Return every ``Fuse`` in ``block``, outer ones first."""
+    return list(_find(block, Fuse))
+
+
+def head_owner(block: str | Block) -> str:
+    """Return the adapter or fusion whose head serves ``block``: that of its last child, recursively.
+
+    A ``Fuse`` owns its own head, so ``Fuse("a", "b")`` and ``Stack("x", Fuse("a", "b"))`` use the
+    fusion's head, while ``Stack(Fuse("a", "b"), "c")`` uses the head of ``c``.
+    """
+    if isinstance(block, str):
+        return block
+    if isinstance(block, Fuse):
+        return block.name
+    return head_owner(block.children[-1])
+
+
 def branch_heads(block: Block) -> tuple[list[str], list[list[int]], int] | None:
-    """Return the head of each row group as ``(adapter names, groups, base rows)``, see ``RowSplit``.
+    """Return the head of each row group as ``(head owners, groups, base rows)``, see ``RowSplit``.
 
     A ``Parallel`` or ``BatchSplit`` that is the block itself or the last child of the top
-    ``Stack`` gives each child's rows the head of the child's last adapter, because nothing runs
-    on all rows after it. Every other block returns ``None``: one head, the last adapter's, serves
-    every row.
+    ``Stack`` gives each child's rows the head of the child's ``head_owner``, because nothing runs
+    on all rows after it. Every other block returns ``None``: one head, the block's
+    ``head_owner``'s, serves every row.
     """
     last = block.children[-1] if isinstance(block, Stack) else block
     if isinstance(last, Parallel):
@@ -239,7 +343,7 @@ def branch_heads(block: Block) -> tuple[list[str], list[list[int]], int] | None:
         groups, base_rows = batch_split_groups(last.batch_sizes), sum(last.batch_sizes)
     else:
         return None
-    return [leaf_names(child)[-1] for child in last.children], groups, base_rows
+    return [head_owner(child) for child in last.children], groups, base_rows
 
 
 # -- plans that one site runs -----------------------------------------------------------------------
@@ -274,7 +378,38 @@ class RowSplit:
     base_rows: int
 
 
-SitePlan = Chain | Mix | RowSplit
+@dataclass
+class PositionSplit:
+    """Children that each run on their own consecutive positions of the sequence (dimension 1).
+
+    A child that is ``None`` leaves its positions unchanged.
+    """
+
+    children: list
+    splits: list[int]
+
+
+@dataclass
+class FusePlan:
+    """AdapterFusion at one site: attention over the children's outputs.
+
+    Attributes:
+        children: The plan of each child, ``None`` for a child without a module at this site.
+        layer: The fusion layer (``fusion.FusionLayer``) at this site.
+        last: The ``(config, module)`` pair of the last fused adapter with a module here. Its config
+            decides what the query and the residual are, as the last adapter does in ``adapters``.
+        name: The fusion's name, for error messages.
+    """
+
+    children: list
+    layer: Any
+    last: tuple[Any, Any]
+    name: str
+
+
+SitePlan = Chain | Mix | RowSplit | PositionSplit | FusePlan
+# Returns ``(query, residual)`` of a fusion for the part ``hidden`` of the site's tensor, see ``run_plan``.
+FusionInputs = Callable[[FusePlan, torch.Tensor, Select], tuple[torch.Tensor, torch.Tensor]]
 
 
 def batch_split_groups(batch_sizes: Sequence[int]) -> list[list[int]]:
@@ -286,17 +421,22 @@ def batch_split_groups(batch_sizes: Sequence[int]) -> list[list[int]]:
     return groups
 
 
-def compile_site(block: str | Block, pairs_of: Callable[[str], Pairs]) -> SitePlan | None:
+def compile_site(block: str | Block, pairs_of: Callable[[str], Pairs],
+                 fusion_layer_of: Callable[[Fuse], Any] | None = None) -> SitePlan | None:
     """Return the plan of ``block`` at one site, or ``None`` when no adapter of it runs there.
 
     Args:
         block: The active block.
         pairs_of: Returns the ``(config, module)`` pairs of one adapter at this site.
+        fusion_layer_of: Returns the fusion layer of a ``Fuse`` at this site, or ``None`` if it has none.
+
+    Raises:
+        RuntimeError: If a ``Fuse`` has adapters with modules here but no fusion layer.
     """
     if isinstance(block, str):
         pairs = pairs_of(block)
         return Chain([pairs]) if pairs else None
-    children = [compile_site(child, pairs_of) for child in block.children]
+    children = [compile_site(child, pairs_of, fusion_layer_of) for child in block.children]
     if all(child is None for child in children):
         return None
     if isinstance(block, Stack):
@@ -307,7 +447,16 @@ def compile_site(block: str | Block, pairs_of: Callable[[str], Pairs]) -> SitePl
         return RowSplit(children, batch_split_groups(block.batch_sizes), sum(block.batch_sizes))
     if isinstance(block, Parallel):
         return RowSplit(children, [[k] for k in range(len(children))], len(children))
-    raise NotImplementedError(f"{type(block).__name__} cannot run yet: AdapterFusion / Split come later")
+    if isinstance(block, Split):
+        return PositionSplit(children, list(block.splits))
+    if isinstance(block, Fuse):
+        layer = fusion_layer_of(block) if fusion_layer_of is not None else None
+        if layer is None:
+            raise RuntimeError(f"The fusion {block.name!r} has adapters at this site but no fusion layer; "
+                               "delete and add the fusion again")
+        last = next(pairs_of(name)[-1] for name in reversed(leaf_names(block)) if pairs_of(name))
+        return FusePlan(children, layer, last, block.name)
+    raise TypeError(f"{type(block).__name__} is not a composition block adapterkit can run")
 
 
 def routing_plan(names: Sequence[str | None], pairs_of: Callable[[str], Pairs]) -> RowSplit | None:
@@ -332,44 +481,102 @@ def expand_rows(groups: list[list[int]], base_rows: int, batch_size: int, device
             for group in groups]
 
 
-def run_plan(plan: SitePlan | list | None, hidden: torch.Tensor, apply: ApplyPairs,
-             rows: torch.Tensor | None = None) -> torch.Tensor:
+def select_all(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """Return ``tensor``: the ``Select`` of a plan node that runs on the whole site."""
+    return tensor
+
+
+def _select_rows(select: Select, index: torch.Tensor) -> Select:
+    def select_rows(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        part = select(tensor)
+        return None if part is None else part.index_select(0, index.to(part.device))
+
+    return select_rows
+
+
+def _select_positions(select: Select, start: int, stop: int) -> Select:
+    def select_positions(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        part = select(tensor)
+        return None if part is None else part[:, start:stop]
+
+    return select_positions
+
+
+def run_plan(plan: SitePlan | list | None, hidden: torch.Tensor, apply: ApplyPairs, select: Select = select_all,
+             fusion_inputs: FusionInputs | None = None) -> torch.Tensor:
     """Run ``plan`` on ``hidden`` and return the new tensor of the same shape.
 
     Args:
         plan: A plan from ``compile_site`` or ``routing_plan``, or a ``Pairs`` list.
-        hidden: ``(batch, ...)``, the rows ``rows`` of the site's batch.
-        apply: Applies a ``Pairs`` list to a tensor and its rows.
-        rows: ``(batch,)`` indices of ``hidden``'s rows in the site's batch, or ``None`` for all rows.
+        hidden: ``(batch, seq_len, ...)``, the part of the site's tensor that ``select`` picks.
+        apply: Applies a ``Pairs`` list to a tensor and the ``Select`` of its part.
+        select: Maps the site's other tensors (residual stream, mask, layer input) to the part.
+        fusion_inputs: Returns the query and the residual of a ``FusePlan``; only sites that run
+            bottleneck adapters pass it.
+
+    Raises:
+        ValueError: If a ``RowSplit`` does not fit the batch size or a ``PositionSplit`` does not
+            add up to the sequence length.
+        RuntimeError: For a ``FusePlan`` without ``fusion_inputs``.
     """
     if plan is None:
         return hidden
     if isinstance(plan, list):
-        return apply(plan, hidden, rows) if plan else hidden
+        return apply(plan, hidden, select) if plan else hidden
     if isinstance(plan, Chain):
         for part in plan.parts:
-            hidden = run_plan(part, hidden, apply, rows)
+            hidden = run_plan(part, hidden, apply, select, fusion_inputs)
         return hidden
     if isinstance(plan, Mix):
-        outputs = [run_plan(child, hidden, apply, rows) for child in plan.children]
+        outputs = [run_plan(child, hidden, apply, select, fusion_inputs) for child in plan.children]
         return sum(weight * output for weight, output in zip(plan.weights, outputs))
+    if isinstance(plan, FusePlan):
+        return _run_fusion(plan, hidden, apply, select, fusion_inputs)
+    if isinstance(plan, PositionSplit):
+        return _run_position_split(plan, hidden, apply, select, fusion_inputs)
     indices = expand_rows(plan.groups, plan.base_rows, hidden.shape[0], hidden.device,
                           f"{type(plan).__name__} over {len(plan.children)} children")
     result = hidden
     for child, index in zip(plan.children, indices):
         if child is None or index.numel() == 0:
             continue
-        child_rows = index if rows is None else rows[index]
-        output = run_plan(child, hidden.index_select(0, index), apply, child_rows)
+        output = run_plan(child, hidden.index_select(0, index), apply, _select_rows(select, index), fusion_inputs)
         result = result.index_copy(0, index, output.to(result.dtype))
     return result
 
 
-def select_rows(tensor: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
-    """Return rows ``rows`` of ``tensor`` (all of it for ``None``), or ``None`` for a missing tensor."""
-    if tensor is None or rows is None:
-        return tensor
-    return tensor.index_select(0, rows.to(tensor.device))
+def _run_fusion(plan: FusePlan, hidden: torch.Tensor, apply: ApplyPairs, select: Select,
+                fusion_inputs: FusionInputs | None) -> torch.Tensor:
+    """Return ``residual + attention(query, children's outputs - residual)`` for the part ``hidden``.
+
+    Each child runs on ``hidden`` as it would run alone, and its value is what it adds to the
+    fusion's residual. For one bottleneck adapter that is the adapter's up-projection output,
+    the value ``adapters`` fuses. A ``Stack`` contributes the sum of its adapters' changes.
+    """
+    if fusion_inputs is None:
+        raise RuntimeError(f"The fusion {plan.name!r} reached a site that cannot run AdapterFusion; it runs only "
+                           "at bottleneck sublayer sites")
+    query, residual = fusion_inputs(plan, hidden, select)
+    values = [run_plan(child, hidden, apply, select, fusion_inputs) - residual
+              for child in plan.children if child is not None]
+    return plan.layer(query, torch.stack(values, dim=2), residual)
+
+
+def _run_position_split(plan: PositionSplit, hidden: torch.Tensor, apply: ApplyPairs, select: Select,
+                        fusion_inputs: FusionInputs | None) -> torch.Tensor:
+    length = hidden.shape[1] if hidden.dim() > 1 else 0
+    if sum(plan.splits) != length:
+        raise ValueError(f"Split with splits={plan.splits} covers {sum(plan.splits)} positions, but this input has "
+                         f"{length}; pass splits that add up to the sequence length (in encoder-decoder models, "
+                         "the decoder's length too)")
+    pieces, start = [], 0
+    for child, size in zip(plan.children, plan.splits):
+        piece = hidden[:, start:start + size]
+        if child is not None and size:
+            piece = run_plan(child, piece, apply, _select_positions(select, start, start + size), fusion_inputs)
+        pieces.append(piece.to(hidden.dtype))
+        start += size
+    return torch.cat(pieces, dim=1)
 
 
 def plan_pairs(plan: SitePlan | list | None) -> Pairs:

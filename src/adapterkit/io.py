@@ -87,11 +87,17 @@ def save_adapter(registry: AdapterRegistry, directory: str | os.PathLike, name: 
         "base_model": _model_description(registry.model),
         "head": {"modules": list(modules["head"].keys()), "labels": entry.labels},
     }
-    write_atomically(directory / WEIGHTS_FILE, lambda path: save_file(weights, str(path), metadata={"format": "pt"}))
-    write_atomically(directory / CONFIG_FILE,
-                     lambda path: path.write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8"))
+    write_checkpoint(directory, weights, description)
     logger.info("Saved adapter %r to %s", name, directory)
     return directory
+
+
+def write_checkpoint(directory: Path, weights: dict[str, torch.Tensor], description: dict[str, Any],
+                     weights_file: str = WEIGHTS_FILE, config_file: str = CONFIG_FILE) -> None:
+    """Write ``weights`` as safetensors and ``description`` as JSON into ``directory``, each file atomically."""
+    write_atomically(directory / weights_file, lambda path: save_file(weights, str(path), metadata={"format": "pt"}))
+    write_atomically(directory / config_file,
+                     lambda path: path.write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8"))
 
 
 def read_description(directory: str | os.PathLike) -> dict[str, Any]:
@@ -186,9 +192,15 @@ def load_adapter(registry: AdapterRegistry, directory: str | os.PathLike, load_a
 
     Raises:
         FileNotFoundError: If the folder or one of its files is missing.
-        ValueError: If the adapter does not fit this model, or its name is taken.
+        ValueError: If the adapter does not fit this model, or its name is taken, or the folder
+            holds a fusion (see ``fusion.load_fusion``).
     """
+    from .fusion import is_fusion_checkpoint
+
     directory = Path(directory)
+    if is_fusion_checkpoint(directory):
+        raise ValueError(f"{directory} contains an AdapterFusion, not an adapter; load it with "
+                         "model.load_adapter_fusion after loading the fused adapters")
     source_format = detect_format(directory)
     if source_format == "peft":
         return _load_peft(registry, directory, load_as)

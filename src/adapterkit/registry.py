@@ -20,9 +20,12 @@ import torch
 from torch import nn
 
 from .architectures import ArchitectureSpec
-from .composition import (Block, RoutedHead, as_block, branch_heads, compile_site, composed_leaves, is_plain_stack,
-                          leaf_names, parallel_branches, repeat_batch, routing_plan, validate)
+from .composition import (Block, RoutedHead, as_block, branch_heads, compile_site, composed_leaves, find_fusions,
+                          head_owner, is_plain_stack, leaf_names, parallel_branches, repeat_batch, routing_plan,
+                          validate)
 from .config import MethodConfig
+from .fusion import (FusionEntry, anneal_temperatures, check_active_fusions, fusion_key, fusion_layer,
+                     trainable_fusions)
 from .heads import STORE_ATTRIBUTE, count_labels, head_module_names, is_freshly_initialised, resize_head
 from .injection import (EmbeddingSite, FinalSite, LinearSite, PositionShiftSite, PrefixSite, PromptSite, Site,
                         SublayerSite)
@@ -129,6 +132,10 @@ class AdapterRegistry:
         self.active: tuple[str, ...] = ()
         # The active composition block, or None when the active adapters form a plain stack.
         self.active_block: Block | None = None
+        # The AdapterFusion records by fusion name (see ``fusion``). Their modules live in the store too.
+        self.fusions: dict[str, FusionEntry] = {}
+        # The adapter or fusion whose head is on the model, or None for the base head.
+        self.head_owner: str | None = None
         self.sites: dict[tuple, Site] = {}
         self.head_names = head_module_names(model)
         self.base_heads = {name: getattr(model, name) for name in self.head_names}
@@ -184,6 +191,8 @@ class AdapterRegistry:
         if name in self.entries:
             raise ValueError(f"An adapter named {name!r} already exists; delete_adapter({name!r}) first "
                              "or choose another name")
+        if name in self.fusions:
+            raise ValueError(f"{name!r} is the name of a fusion; choose another adapter name")
         check_fits(self.layout, config)  # raises before anything is built
 
         reference = next(self.model.base_model.parameters())
@@ -208,8 +217,16 @@ class AdapterRegistry:
         return found
 
     def delete(self, name: str) -> None:
-        """Remove adapter ``name`` with its modules, head and any hooks no other adapter needs."""
+        """Remove adapter ``name`` with its modules, head and any hooks no other adapter needs.
+
+        Raises:
+            ValueError: If a fusion fuses the adapter; delete the fusion first.
+        """
         self.check_names([name])
+        fusions = [fusion for fusion, entry in self.fusions.items() if name in leaf_names(entry.block)]
+        if fusions:
+            raise ValueError(f"Adapter {name!r} is fused by {', '.join(map(repr, fusions))}; "
+                             f"delete_adapter_fusion({fusions[0]!r}) first")
         if name in self.active and self.active_block is not None:
             logger.warning("Deleting adapter %r, part of the active block %r; no adapter is active now",
                            name, self.active_block)
@@ -327,7 +344,7 @@ class AdapterRegistry:
             return
         if not self.model.training or not self._checkpointing():
             return
-        if self.trainable_names():
+        if self.trainable_names() or trainable_fusions(self):
             output.requires_grad_(True)
 
     def unload(self) -> None:
@@ -341,6 +358,7 @@ class AdapterRegistry:
         self._input_hooks = []
         self.model._modules.pop(STORE_ATTRIBUTE, None)
         self.entries = {}
+        self.fusions = {}
         self.active = ()
         self.active_block = None
         self.merged = []
@@ -359,10 +377,10 @@ class AdapterRegistry:
 
         Raises:
             ValueError: If an adapter is unknown, a block nests another one that it cannot contain,
-                or a merged adapter sits inside a block other than ``Stack``.
-            NotImplementedError: If the block contains ``Fuse`` or ``Split``, or an adapter with
-                prefix tuning, prompt tuning, an invertible adapter or a before-head adapter sits
-                inside a block other than ``Stack``.
+                a ``Fuse`` names no fusion of the model or fuses an adapter that is not a
+                bottleneck adapter, or a merged adapter sits inside a block other than ``Stack``.
+            NotImplementedError: If an adapter with prefix tuning, prompt tuning, an invertible
+                adapter or a before-head adapter sits inside a block other than ``Stack``.
         """
         block = as_block(names)
         if block is None or is_plain_stack(block):
@@ -371,10 +389,11 @@ class AdapterRegistry:
             self.active, self.active_block = tuple(leaves), None
         else:
             validate(block, self.entries)
+            check_active_fusions(self, block)
             self._check_composable(block)
             self.active, self.active_block = tuple(dict.fromkeys(leaf_names(block))), block
         self._rebuild_plan()
-        self._install_head(leaf_names(block)[-1] if block is not None else None)
+        self._install_head(head_owner(block) if block is not None else None)
 
     def _check_composable(self, block: Block) -> None:
         for name in dict.fromkeys(composed_leaves(block)):
@@ -422,7 +441,8 @@ class AdapterRegistry:
         for key in keys:
             if key[0] in _COMPOSABLE_KINDS:
                 compiled = compile_site(block, lambda name: [] if name in self.merged
-                                        else self._pairs_by_name[name].get(key, []))
+                                        else self._pairs_by_name[name].get(key, []),
+                                        lambda fuse: fusion_layer(self, fuse, key))
                 if compiled is not None:
                     plan[key] = compiled
             else:
@@ -505,6 +525,8 @@ class AdapterRegistry:
             self._wrap_checkpoint_functions()
 
         block = self.active_block
+        if block is not None and routing is None and self.model.training and torch.is_grad_enabled():
+            anneal_temperatures(self, block)
         parallel = parallel_branches(block) if block is not None else None
         heads = branch_heads(block) if block is not None and routing is None else None
         if parallel is not None and routing is None and batch_size is not None:
@@ -528,14 +550,16 @@ class AdapterRegistry:
             setattr(self.model, head_name, head)
 
     def _swap_heads(self, names: list[str | None], groups: list[list[int]], base_rows: int) -> dict[str, nn.Module]:
-        """Put a ``RoutedHead`` in place of each head module; ``names[k]`` owns rows ``groups[k]``.
+        """Put a ``RoutedHead`` in place of each head module; the head of ``names[k]`` serves rows ``groups[k]``.
+
+        Each name is an adapter, a fusion or ``None`` (the base head).
 
         NOTE: the swap changes the model object for the length of one forward, so two threads
         running the same model at once can see each other's heads.
         """
         swapped = {}
         for head_name in self.head_names:
-            heads = [self.base_heads[head_name] if name is None else self.store[store_key(name)]["head"][head_name]
+            heads = [self.base_heads[head_name] if name is None else self.head_modules(name)[head_name]
                      for name in names]
             swapped[head_name] = getattr(self.model, head_name)
             setattr(self.model, head_name, RoutedHead(heads, groups, base_rows))
@@ -557,12 +581,36 @@ class AdapterRegistry:
     def _checkpoint_with_state(self, function: Any) -> Any:
         return StatefulCheckpoint(self, function)
 
+    def head_modules(self, name: str) -> nn.ModuleDict:
+        """Return the head modules of adapter or fusion ``name``."""
+        key = fusion_key(name) if name in self.fusions else store_key(name)
+        return self.store[key]["head"]
+
+    def head_entry(self, name: str) -> AdapterEntry | FusionEntry:
+        """Return the record of adapter or fusion ``name``, which contains its head's labels."""
+        if name in self.fusions:
+            return self.fusions[name]
+        self.check_names([name])
+        return self.entries[name]
+
+    def training_head_owner(self) -> str | None:
+        """Return the adapter or fusion whose head ``fit`` trains, or ``None`` when nothing is trainable.
+
+        That is the installed head's fusion when it is trainable (after ``train_adapter_fusion``),
+        otherwise the last active adapter with trainable parameters.
+        """
+        if self.head_owner in self.fusions and self.head_owner in trainable_fusions(self):
+            return self.head_owner
+        trainable = [name for name in self.active if name in self.trainable_names()]
+        return trainable[-1] if trainable else None
+
     def _install_head(self, name: str | None) -> None:
-        """Put the head of adapter ``name`` (the base head for ``None``) on the model, with its labels."""
+        """Put the head of adapter or fusion ``name`` (the base head for ``None``) on the model, with its labels."""
+        self.head_owner = name
         if name is None:
             heads, labels = self.base_heads, None
         else:
-            heads, labels = dict(self.store[store_key(name)]["head"].items()), self.entries[name].labels
+            heads, labels = dict(self.head_modules(name).items()), self.head_entry(name).labels
         if not heads:
             return
         for head_name, module in heads.items():
@@ -600,14 +648,14 @@ class AdapterRegistry:
                 if any(p.requires_grad for p in self.store[store_key(n)].parameters())]
 
     def set_labels(self, name: str, labels: list[Any], *, new_head: bool = False) -> None:
-        """Give adapter ``name``'s head the label values ``labels`` (class id i is ``labels[i]``).
+        """Give the head of adapter or fusion ``name`` the label values ``labels`` (class id i is ``labels[i]``).
 
         A head with another number of outputs is replaced when it was never trained, and otherwise
         rejected, so a trained head is only thrown away on request: ``new_head=True`` always starts
         a freshly initialised head.
         """
-        entry = self.entries[name]
-        head = self.store[store_key(name)]["head"]
+        entry = self.head_entry(name)
+        head = self.head_modules(name)
         if not len(head):
             raise ValueError(f"{type(self.model).__name__} has no classification head to train labels into; "
                              "load the model with a task class such as AutoModelForSequenceClassification")
@@ -624,7 +672,7 @@ class AdapterRegistry:
             resize_head(head, current, len(labels), init_std)
             logger.info("Resized the head of adapter %r from %d to %d labels", name, current, len(labels))
         entry.labels = list(labels)
-        if self.active and self.active[-1] == name:
+        if self.head_owner == name:
             self._install_head(name)
 
     # -- reporting -------------------------------------------------------------------------------
@@ -637,7 +685,8 @@ class AdapterRegistry:
     def summary_rows(self) -> list[dict[str, Any]]:
         """Return one row per adapter: parameters, share of the base model, active and trainable."""
         # The base head counts as base model while it sits in the store behind an active adapter's head.
-        adapter_ids = {id(p) for name in self.entries for p in self.store[store_key(name)].parameters()}
+        owned = [store_key(name) for name in self.entries] + [fusion_key(name) for name in self.fusions]
+        adapter_ids = {id(p) for key in owned for p in self.store[key].parameters()}
         base_total = sum(p.numel() for p in self.model.parameters() if id(p) not in adapter_ids)
         rows = []
         for name, entry in self.entries.items():
@@ -652,5 +701,18 @@ class AdapterRegistry:
                 "trainable": sum(p.numel() for p in modules.parameters() if p.requires_grad),
                 "percent_of_base": 100.0 * total / base_total,
                 "active": name in self.active,
+            })
+        active_fusions = {fuse.name for fuse in find_fusions(self.active_block)} if self.active_block else set()
+        for name in self.fusions:
+            modules = self.store[fusion_key(name)]
+            total = sum(p.numel() for p in modules.parameters())
+            rows.append({
+                "name": name,
+                "architecture": "fusion",
+                "parameters": total,
+                "head_parameters": sum(p.numel() for p in modules["head"].parameters()),
+                "trainable": sum(p.numel() for p in modules.parameters() if p.requires_grad),
+                "percent_of_base": 100.0 * total / base_total,
+                "active": name in active_fusions,
             })
         return rows

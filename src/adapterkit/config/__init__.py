@@ -2,6 +2,7 @@
 
 from .base import CONFIG_CLASSES, ROLES, MethodConfig, config_from_dict
 from .bottleneck import NON_LINEARITIES, AdapterConfig, BottleneckConfig
+from .fusion import FUSION_PRESETS, FusionConfig, resolve_fusion_config
 from .invertible import InvertibleConfig
 from .lora import IA3Config, LoRAConfig
 from .prefix import PrefixTuningConfig
@@ -11,12 +12,14 @@ from .union import ConfigUnion
 
 __all__ = [
     "CONFIG_CLASSES",
+    "FUSION_PRESETS",
     "NON_LINEARITIES",
     "PRESETS",
     "ROLES",
     "AdapterConfig",
     "BottleneckConfig",
     "ConfigUnion",
+    "FusionConfig",
     "IA3Config",
     "InvertibleConfig",
     "LoRAConfig",
@@ -24,5 +27,6 @@ __all__ = [
     "PrefixTuningConfig",
     "PromptTuningConfig",
     "config_from_dict",
+    "resolve_fusion_config",
     "resolve_config",
 ]
