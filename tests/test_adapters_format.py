@@ -22,7 +22,7 @@ import transformers
 from safetensors.torch import load_file
 
 import adapterkit
-from adapterkit import BottleneckConfig, ConfigUnion, IA3Config, InvertibleConfig, LoRAConfig
+from adapterkit import BottleneckConfig, ConfigUnion, IA3Config, InvertibleConfig, LoRAConfig, PrefixTuningConfig
 from adapterkit.io import detect_format
 
 FIXTURES = Path(__file__).parent / "fixtures" / "adapters"
@@ -32,12 +32,18 @@ ADAPTERS_PYTHON = Path("/work/venv-adapters/bin/python")
 TOLERANCE = 1e-5
 
 OK_FIXTURES = [entry for entry in MANIFEST["fixtures"] if entry["status"] == "ok" and entry["method"] != "fusion"]
-# adapters computes T5's relative position bias over prefix and real keys together, which adapterkit does not.
-T5_PREFIX = {"t5/prefix_tuning", "t5/prefix_tuning_ejected", "t5/prefix_tuning_flat", "t5/mam"}
-READABLE = [entry for entry in OK_FIXTURES if entry["id"] not in T5_PREFIX]
+# The transformers class (and options) whose head fits each flexible-head fixture; the head tests load them.
+HEAD_MODELS = {
+    "bert/head_pooler": ("BertForSequenceClassification", {}),
+    "bert/head_tagging": ("BertForTokenClassification", {}),
+    "roberta/head_tagging": ("RobertaForTokenClassification", {}),
+    "roberta/head_multilabel": ("RobertaForSequenceClassification", {"problem_type": "multi_label_classification"}),
+}
+READABLE = [entry for entry in OK_FIXTURES if not entry["method"].startswith("head_")]
 # One folder per method and family that the slow test loads with adapters itself.
 LIVE = ["bert/seq_bn_static_head", "roberta/mam", "gpt2/lora", "llama/ia3", "bart/prefix_tuning",
-        "t5/double_seq_bn", "gpt2/seq_bn_inv", "llama/compacter"]
+        "t5/double_seq_bn", "gpt2/seq_bn_inv", "llama/compacter", "t5/prefix_tuning", "t5/prefix_tuning_leave_out",
+        "bert/head_tagging"]
 
 
 def fixture_ids(entries: list[dict]) -> list[str]:
@@ -52,12 +58,16 @@ def load_base(entry: dict) -> transformers.PreTrainedModel:
     """Load the fixture's base model as the class whose head the checkpoint fits, wrapped by adapterkit.
 
     BERT fixtures from adapters' flexible-head model carry a 2-layer head on the [CLS] state, which
-    no transformers BERT class has, so they load into ``BertModel`` without a head.
+    ``BertForSequenceClassification`` computes only after its pooler was replaced, so they load into
+    ``BertModel`` without a head. The fixtures of HEAD_MODELS load into the class named there.
     """
     family = entry["family"]
     base = FIXTURES / family / "base"
     options = {"attn_implementation": "eager"}
-    if family == "roberta":
+    if entry["id"] in HEAD_MODELS:
+        class_name, head_options = HEAD_MODELS[entry["id"]]
+        model = getattr(transformers, class_name).from_pretrained(base, num_labels=3, **head_options, **options)
+    elif family == "roberta":
         model = transformers.RobertaForSequenceClassification.from_pretrained(base, num_labels=3, **options)
     elif entry.get("model_class") == "BertForSequenceClassification":
         model = transformers.BertForSequenceClassification.from_pretrained(base, num_labels=3, **options)
@@ -123,12 +133,21 @@ def test_fixture_outputs_match(entry):
     assert (actual["last_hidden_state"] - base["last_hidden_state"]).abs().max().item() > 1e-3
 
 
-@pytest.mark.parametrize("fixture_id", sorted(T5_PREFIX))
-def test_t5_prefix_raises(fixture_id):
+@pytest.mark.parametrize("fixture_id", ["t5/prefix_tuning", "t5/prefix_tuning_leave_out", "t5/mam"])
+def test_t5_prefix_reads_concatenated_bias(fixture_id):
+    """adapters computes T5's relative position bias over prefix and real keys together; zero bias would differ."""
     model = load_base(entry_of(fixture_id))
-    with pytest.raises(ValueError, match="relative position bias"):
-        model.load_adapter(FIXTURES / fixture_id)
-    assert model.adapter_summary(as_dict=True) == []
+    name = model.load_adapter(FIXTURES / fixture_id)
+    members = model._adapterkit.entries[name].config.methods
+    prefix_index, prefix_config = next((i, m) for i, m in enumerate(members) if isinstance(m, PrefixTuningConfig))
+    assert prefix_config.position_bias == "concatenated"
+
+    zero_members = [m.replace(position_bias="zero") if i == prefix_index else m for i, m in enumerate(members)]
+    model.add_adapter("zero", zero_members[0] if len(zero_members) == 1 else ConfigUnion(*zero_members))
+    model._adapterkit.modules_of("zero").load_state_dict(model._adapterkit.modules_of(name).state_dict())
+    model.set_active_adapters("zero")
+    expected = load_file(str(FIXTURES / fixture_id / "expected.safetensors"))
+    assert max(max_differences(expected, run(model, "t5")).values()) > 1e-3
 
 
 def test_flexible_bert_head_raises():
@@ -161,10 +180,11 @@ def test_detect_format_finds_adapters():
     assert detect_format(FIXTURES / "bert" / "fusion" / "fuse_a") == "adapters"
 
 
-def test_fusion_raises_not_implemented():
+def test_load_adapter_rejects_fusion_folder():
+    # Fusion folders load with load_adapter_fusion (tests/test_fusion.py).
     model = load_base(entry_of("bert/seq_bn"))
     model.load_adapter(FIXTURES / "bert" / "fusion" / "fuse_a")
-    with pytest.raises(NotImplementedError, match="AdapterFusion"):
+    with pytest.raises(ValueError, match="AdapterFusion checkpoint.*load_adapter_fusion"):
         model.load_adapter(FIXTURES / "bert" / "fusion" / "fusion")
     assert [row["name"] for row in model.adapter_summary(as_dict=True)] == ["fuse_a"]
 
@@ -494,3 +514,197 @@ def test_invertible_invert_output_false_skips_inverse():
     assert (outputs["inverted"] - outputs["not_inverted"]).abs().max().item() > 1e-3
     with torch.no_grad():
         torch.testing.assert_close(inverted(outputs["inverted"]), outputs["not_inverted"], rtol=0, atol=1e-5)
+
+
+# -- T5 prefix tuning and generation ---------------------------------------------------------------
+
+@pytest.mark.parametrize("fixture_id", ["t5/prefix_tuning", "t5/prefix_tuning_leave_out"])
+def test_t5_prefix_generation_matches_adapters(fixture_id):
+    """Greedy decoding with the KV cache gives the tokens and logits that adapters 1.3.0 generated."""
+    model = load_base(entry_of(fixture_id))
+    model.load_adapter(FIXTURES / fixture_id)
+    raw = json.loads((FIXTURES / "t5" / "inputs.json").read_text(encoding="utf-8"))
+    prompt = {"input_ids": torch.tensor(raw["input_ids"]), "attention_mask": torch.tensor(raw["attention_mask"])}
+    expected = load_file(str(FIXTURES / fixture_id / "generation.safetensors"))
+    steps = expected["logits"].shape[0]
+    settings = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_logits=True,
+                    return_dict_in_generate=True)
+
+    with torch.no_grad():
+        cached = model.generate(**prompt, use_cache=True, **settings)
+        uncached = model.generate(**prompt, use_cache=False, **settings)
+        static = model.generate(**prompt, cache_implementation="static", **settings)
+
+    for output in (cached, uncached, static):
+        assert torch.equal(output.sequences, expected["sequences"])
+        torch.testing.assert_close(torch.stack(output.logits), expected["logits"], atol=TOLERANCE, rtol=0)
+
+
+def test_t5_zero_bias_prefix_write_raises(tmp_path):
+    model = load_base(entry_of("t5/seq_bn"))
+    model.add_adapter("prefix", PrefixTuningConfig(prefix_length=3, bottleneck_size=8))
+    with pytest.raises(ValueError, match="position_bias='zero'.*position_bias='concatenated'"):
+        model.save_adapter(tmp_path, "prefix", format="adapters")
+    assert not (tmp_path / "adapter_config.json").exists()
+
+
+def test_t5_concatenated_prefix_round_trip(tmp_path):
+    """A T5 prefix trained in adapterkit with position_bias='concatenated' writes and reads back unchanged."""
+    model = load_base(entry_of("t5/seq_bn"))
+    model.add_adapter("prefix", PrefixTuningConfig(prefix_length=3, bottleneck_size=8, position_bias="concatenated"))
+    with torch.no_grad():
+        for parameter in model._adapterkit.modules_of("prefix")["methods"].parameters():
+            parameter.normal_(std=0.3)
+    model.set_active_adapters("prefix")
+    before = run(model, "t5")
+
+    model.save_adapter(tmp_path / "adapters", "prefix", format="adapters")
+    model.save_adapter(tmp_path / "adapterkit", "prefix")
+
+    for folder in ("adapters", "adapterkit"):
+        fresh = load_base(entry_of("t5/seq_bn"))
+        name = fresh.load_adapter(tmp_path / folder)
+        assert fresh._adapterkit.entries[name].config.position_bias == "concatenated"
+        assert max(max_differences(before, run(fresh, "t5")).values()) <= 1e-6
+
+
+# -- flexible heads ------------------------------------------------------------------------------
+
+def run_head_fixture(fixture_id: str) -> tuple[transformers.PreTrainedModel, dict[str, float]]:
+    """Load a flexible-head fixture into the class of HEAD_MODELS and return the model and its output differences."""
+    entry = entry_of(fixture_id)
+    model = load_base(entry)
+    model.load_adapter(FIXTURES / fixture_id)
+    raw = json.loads((FIXTURES / entry["family"] / "inputs.json").read_text(encoding="utf-8"))
+    inputs = {key: torch.tensor(raw[key]) for key in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        output = model(**inputs, output_hidden_states=True)
+    actual = {"last_hidden_state": output.hidden_states[-1], "logits": output.logits}
+    expected = load_file(str(FIXTURES / fixture_id / "expected.safetensors"))
+    return model, max_differences(expected, actual)
+
+
+@pytest.mark.parametrize("fixture_id", sorted(HEAD_MODELS))
+def test_flexible_head_outputs_match(fixture_id):
+    model, differences = run_head_fixture(fixture_id)
+
+    assert sorted(differences) == ["last_hidden_state", "logits"]
+    assert max(differences.values()) <= TOLERANCE, differences
+    head_config = json.loads((FIXTURES / fixture_id / "head_config.json").read_text(encoding="utf-8"))
+    assert model.config.id2label == {i: label for label, i in head_config["config"]["label2id"].items()}
+
+
+@pytest.mark.parametrize("fixture_id", sorted(HEAD_MODELS))
+def test_flexible_head_written_as_static_head(fixture_id, tmp_path):
+    model, _ = run_head_fixture(fixture_id)
+    name = fixture_id.split("/")[1]
+    model.save_adapter(tmp_path, name, format="adapters")
+
+    head_config = json.loads((tmp_path / "head_config.json").read_text(encoding="utf-8"))
+    assert head_config["config"] is None
+    assert head_config["model_class"] == HEAD_MODELS[fixture_id][0]
+    fresh = load_base(entry_of(fixture_id))
+    assert fresh.load_adapter(tmp_path) == name
+    written = fresh._adapterkit.modules_of(name).state_dict()
+    for key, value in model._adapterkit.modules_of(name).state_dict().items():
+        assert torch.equal(written[key], value), key
+
+
+def copy_first_head_layer_into_pooler(model: transformers.BertForSequenceClassification, fixture_id: str) -> None:
+    head = torch.load(FIXTURES / fixture_id / "pytorch_model_head.bin", weights_only=True)
+    name = fixture_id.split("/")[1]
+    with torch.no_grad():
+        model.bert.pooler.dense.weight.copy_(head[f"heads.{name}.1.weight"])
+        model.bert.pooler.dense.bias.copy_(head[f"heads.{name}.1.bias"])
+
+
+def test_bert_two_layer_head_through_copied_pooler():
+    """A 2-layer tanh head on [CLS] is BERT's pooler + classifier once the pooler contains the head's first layer."""
+    model = adapterkit.init(transformers.BertForSequenceClassification.from_pretrained(
+        FIXTURES / "bert" / "base", num_labels=3, attn_implementation="eager").eval())
+    copy_first_head_layer_into_pooler(model, "bert/seq_bn")
+    pooler_before = model.bert.pooler.dense.weight.detach().clone()
+
+    name = model.load_adapter(FIXTURES / "bert" / "seq_bn")
+    raw = json.loads((FIXTURES / "bert" / "inputs.json").read_text(encoding="utf-8"))
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(raw["input_ids"]),
+                       attention_mask=torch.tensor(raw["attention_mask"])).logits
+
+    expected = load_file(str(FIXTURES / "bert" / "seq_bn" / "expected.safetensors"))
+    torch.testing.assert_close(logits, expected["logits"], atol=TOLERANCE, rtol=0)
+    assert torch.equal(model.bert.pooler.dense.weight, pooler_before)
+    head = torch.load(FIXTURES / "bert" / "seq_bn" / "pytorch_model_head.bin", weights_only=True)
+    assert torch.equal(model.classifier.weight, head[f"heads.{name}.4.weight"])
+
+
+def test_bert_two_layer_head_names_pooler_fix():
+    model = adapterkit.init(transformers.BertForSequenceClassification.from_pretrained(
+        FIXTURES / "bert" / "base", num_labels=3).eval())
+    pooler_before = model.bert.pooler.dense.weight.detach().clone()
+
+    with pytest.raises(ValueError, match="copy heads.seq_bn.1.weight and heads.seq_bn.1.bias into bert.pooler.dense"):
+        model.load_adapter(FIXTURES / "bert" / "seq_bn")
+    assert torch.equal(model.bert.pooler.dense.weight, pooler_before)
+    assert model.adapter_summary(as_dict=True) == []
+
+
+def edit_head_config(folder: Path, changes: dict) -> None:
+    path = folder / "head_config.json"
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    saved["config"].update(changes)
+    path.write_text(json.dumps(saved), encoding="utf-8")
+
+
+UNMAPPABLE_HEADS = [
+    # (fixture, head_config changes, class and options to load, message)
+    ("roberta/head_one_layer", {}, ("RobertaForSequenceClassification", {}), "'layers': 1.*2-layer tanh head"),
+    ("roberta/head_multilabel", {}, ("RobertaForSequenceClassification", {}),
+     "BCEWithLogitsLoss.*problem_type='multi_label_classification'"),
+    ("roberta/seq_bn", {}, ("RobertaForSequenceClassification", {"problem_type": "multi_label_classification"}),
+     "cross-entropy"),
+    ("roberta/seq_bn", {"activation_function": "relu"}, ("RobertaForSequenceClassification", {}), "'relu'"),
+    ("bert/seq_bn", {"use_pooler": True}, ("BertForSequenceClassification", {}), "'use_pooler': True"),
+    ("bert/head_tagging", {}, ("BertForSequenceClassification", {}), "'tagging'"),
+    ("roberta/head_tagging", {"layers": 2}, ("RobertaForTokenClassification", {}), "1-layer tagging head"),
+    ("bert/head_pooler", {"head_type": "question_answering"}, ("BertForSequenceClassification", {}),
+     "'question_answering'"),
+    ("bert/head_tagging", {}, ("BertForMultipleChoice", {}), "maps flexible heads only onto"),
+]
+
+
+@pytest.mark.parametrize(("fixture_id", "changes", "model_class", "message"), UNMAPPABLE_HEADS,
+                         ids=[f"{f}-{c[0]}-{'-'.join(changes)}" for f, changes, c, _ in UNMAPPABLE_HEADS])
+def test_unmappable_flexible_head_raises(tmp_path, fixture_id, changes, model_class, message):
+    folder = copy_fixture(fixture_id, tmp_path)
+    edit_head_config(folder, changes)
+    class_name, options = model_class
+    family = fixture_id.split("/")[0]
+    model = adapterkit.init(getattr(transformers, class_name).from_pretrained(FIXTURES / family / "base",
+                                                                             num_labels=3, **options).eval())
+
+    with pytest.raises(ValueError, match="flexible head") as error:
+        model.load_adapter(folder)
+    assert class_name in str(error.value)
+    assert error.match(message)
+    assert model.adapter_summary(as_dict=True) == []
+
+
+def test_head_without_bias_gets_zero_bias(tmp_path):
+    folder = copy_fixture("roberta/head_tagging", tmp_path)
+    edit_head_config(folder, {"bias": False})
+    head = torch.load(folder / "pytorch_model_head.bin", weights_only=True)
+    bias = head.pop("heads.head_tagging.1.bias")
+    torch.save(head, folder / "pytorch_model_head.bin")
+    entry = entry_of("roberta/head_tagging")
+    model = load_base(entry)
+
+    model.load_adapter(folder)
+    raw = json.loads((FIXTURES / "roberta" / "inputs.json").read_text(encoding="utf-8"))
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(raw["input_ids"]),
+                       attention_mask=torch.tensor(raw["attention_mask"])).logits
+
+    assert torch.equal(model.classifier.bias, torch.zeros(3))
+    expected = load_file(str(FIXTURES / "roberta" / "head_tagging" / "expected.safetensors"))["logits"]
+    torch.testing.assert_close(logits, expected - bias, atol=TOLERANCE, rtol=0)

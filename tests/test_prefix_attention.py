@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from adapterkit.methods.prefix import PrefixTuning
 from adapterkit.prefix_attention import (
     IMPLEMENTATION_PREFIX,
+    PrefixPair,
     disable_prefix_attention,
     enable_prefix_attention,
     get_prefix_source,
@@ -817,3 +818,175 @@ def test_several_prefixes_concatenate_in_order():
         set_prefix_source(module, joined)
 
     torch.testing.assert_close(run(model, "bert"), two, atol=1e-6, rtol=0)
+
+
+# -- T5's relative position bias over a concatenated prefix --------------------------------------
+
+
+class ConcatenatedPrefix(FixedPrefix):
+    """A prefix source whose prefix requests T5's relative bias over prefix and real keys together."""
+
+    def __call__(self, module: nn.Module, query: torch.Tensor) -> list[PrefixPair]:
+        self.calls += 1
+        return [PrefixPair(self.key.to(query.dtype), self.value.to(query.dtype), "concatenated")]
+
+
+def attach_concatenated(model: nn.Module, modules: list[nn.Module], seed: int = 5) -> dict[nn.Module, FixedPrefix]:
+    kv_heads, head_dim = kv_shape(model)
+    generator = torch.Generator().manual_seed(seed)
+    sources = {}
+    for module in modules:
+        source = ConcatenatedPrefix(torch.randn(1, kv_heads, PREFIX_LENGTH, head_dim, generator=generator),
+                                    torch.randn(1, kv_heads, PREFIX_LENGTH, head_dim, generator=generator))
+        set_prefix_source(module, source)
+        sources[module] = source
+    return sources
+
+
+def concatenated_bias(bias_layer: nn.Module, q_len: int, k_len: int, prefix_length: int) -> torch.Tensor:
+    """T5's bias with key ``j`` of ``[prefix; keys]`` at position ``j`` and query ``i`` at ``i``: ``(1, heads, q, p + k)``."""
+    relative = torch.arange(prefix_length + k_len)[None, :] - torch.arange(q_len)[:, None]
+    buckets = transformers.models.t5.modeling_t5.T5Attention._relative_position_bucket(
+        relative, bidirectional=not bias_layer.is_decoder, num_buckets=bias_layer.relative_attention_num_buckets,
+        max_distance=bias_layer.relative_attention_max_distance)
+    return bias_layer.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)
+
+
+def expected_t5_attention(attention: nn.Module, hidden: torch.Tensor, source: FixedPrefix | None,
+                          bias: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """T5 attention by hand (no score scaling): ``bias`` covers the prefix columns, ``visible`` the real keys."""
+    batch = hidden.shape[0]
+    keys, values = heads(attention.k(hidden), 4), heads(attention.v(hidden), 4)
+    length = 0
+    if source is not None:
+        length = source.key.shape[2]
+        keys = torch.cat([source.key.expand(batch, -1, -1, -1), keys], dim=2)
+        values = torch.cat([source.value.expand(batch, -1, -1, -1), values], dim=2)
+    visible = torch.cat([torch.ones(*visible.shape[:-1], length, dtype=torch.bool), visible], dim=-1)
+    return attention.o(hand_attention(heads(attention.q(hidden), 4), keys, values, bias.masked_fill(~visible,
+                                                                                                      float("-inf"))))
+
+
+@pytest.mark.parametrize("implementation", [
+    pytest.param("sdpa", marks=pytest.mark.skipif("t5" in NO_SDPA, reason=NO_SDPA_REASON)), "eager"])
+def test_t5_concatenated_bias_matches_hand_computation(implementation):
+    model = build_model("t5", implementation)
+    enable_prefix_attention(model)
+    modules = attention_modules(model, "t5")
+    sources = attach_concatenated(model, modules)
+    encoder = [block.layer[0].SelfAttention for block in model.encoder.block]
+    decoder = [block.layer[0].SelfAttention for block in model.decoder.block]
+    records = {module: capture_call(module) for module in encoder + decoder}
+    padding = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+    inputs = seq2seq_inputs()
+    run(model, "t5", attention_mask=padding, **inputs)
+
+    # Every layer of a stack uses the bias of the stack's first layer, computed over prefix + keys.
+    encoder_bias = concatenated_bias(encoder[0], 7, 7, PREFIX_LENGTH)
+    for module in encoder:
+        hidden = records[module]["args"][0]
+        expected = expected_t5_attention(module, hidden, sources[module], encoder_bias, padding.bool()[:, None, None])
+        output, returned_bias = records[module]["output"][:2]
+        torch.testing.assert_close(output, expected, atol=1e-5, rtol=0)
+        assert returned_bias.shape[-1] == PREFIX_LENGTH + 7
+    decoder_bias = concatenated_bias(decoder[0], 4, 4, PREFIX_LENGTH)
+    causal = torch.ones(4, 4, dtype=torch.bool).tril()[None, None]
+    for module in decoder:
+        expected = expected_t5_attention(module, records[module]["args"][0], sources[module], decoder_bias, causal)
+        torch.testing.assert_close(records[module]["output"][0], expected, atol=1e-5, rtol=0)
+    # The shifted bias differs from the one with zero bias on the prefix, or this test would prove nothing.
+    zero_bias = F.pad(concatenated_bias(encoder[0], 7, 7, 0), (PREFIX_LENGTH, 0))
+    assert (encoder_bias - zero_bias).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("implementation", [
+    pytest.param("sdpa", marks=pytest.mark.skipif("t5" in NO_SDPA, reason=NO_SDPA_REASON)), "eager"])
+def test_t5_bias_zero_after_prefix_change(implementation):
+    # As in adapters 1.3.0: from the first layer whose prefix length differs from the first layer's on,
+    # the layers of a stack get zero relative bias. Here encoder layer 0 and decoder layer 1 have no prefix.
+    model = build_model("t5", implementation)
+    enable_prefix_attention(model)
+    encoder = [block.layer[0].SelfAttention for block in model.encoder.block]
+    decoder = [block.layer[0].SelfAttention for block in model.decoder.block]
+    sources = attach_concatenated(model, [encoder[1], decoder[0]])
+    records = {module: capture_call(module) for module in encoder + decoder}
+    padding = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+    run(model, "t5", attention_mask=padding, **seq2seq_inputs())
+
+    visible = padding.bool()[:, None, None]
+    plain = expected_t5_attention(encoder[0], records[encoder[0]]["args"][0], None,
+                                  concatenated_bias(encoder[0], 7, 7, 0), visible)
+    torch.testing.assert_close(records[encoder[0]]["output"][0], plain, atol=1e-5, rtol=0)
+    zeroed = expected_t5_attention(encoder[1], records[encoder[1]]["args"][0], sources[encoder[1]],
+                                   torch.zeros(1, 4, 7, PREFIX_LENGTH + 7), visible)
+    torch.testing.assert_close(records[encoder[1]]["output"][0], zeroed, atol=1e-5, rtol=0)
+
+    causal = torch.ones(4, 4, dtype=torch.bool).tril()[None, None]
+    first = expected_t5_attention(decoder[0], records[decoder[0]]["args"][0], sources[decoder[0]],
+                                  concatenated_bias(decoder[0], 4, 4, PREFIX_LENGTH), causal)
+    torch.testing.assert_close(records[decoder[0]]["output"][0], first, atol=1e-5, rtol=0)
+    without_prefix = expected_t5_attention(decoder[1], records[decoder[1]]["args"][0], None,
+                                           torch.zeros(1, 4, 4, 4), causal)
+    torch.testing.assert_close(records[decoder[1]]["output"][0], without_prefix, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("implementation", [
+    pytest.param("sdpa", marks=pytest.mark.skipif("t5" in NO_SDPA, reason=NO_SDPA_REASON)), "eager"])
+def test_t5_concatenated_generate_cache_agrees(implementation):
+    model = build_model("t5", implementation)
+    enable_prefix_attention(model)
+    attach_concatenated(model, attention_modules(model, "t5"))
+    inputs = {"input_ids": token_ids(2, 5), "attention_mask": torch.tensor([[1] * 5, [1] * 3 + [0] * 2])}
+    settings = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
+                    return_dict_in_generate=True, output_logits=True)
+
+    with torch.no_grad():
+        cached = model.generate(**inputs, use_cache=True, **settings)
+        uncached = model.generate(**inputs, use_cache=False, **settings)
+    start = torch.full((2, 1), model.config.decoder_start_token_id)
+    logits = run(model, "t5", decoder_input_ids=start, **inputs)
+
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(torch.stack(cached.logits), torch.stack(uncached.logits), atol=1e-5, rtol=1e-4)
+    next_logits = logits[:, -1].clone()
+    next_logits[:, model.config.eos_token_id] = float("-inf")
+    assert torch.equal(cached.sequences[:, 1], next_logits.argmax(-1))
+
+
+@pytest.mark.parametrize("family", ["llama", "bart"])
+def test_concatenated_bias_without_relative_bias(family):
+    model = build_model(family)
+    enable_prefix_attention(model)
+    modules = attention_modules(model, family)
+    attach_prefixes(model, family)
+    zero = run(model, family)
+    attach_concatenated(model, modules)
+
+    assert torch.equal(run(model, family), zero)
+
+
+def test_concatenated_bias_rejected_on_mpnet():
+    model = build_model("mpnet")
+    enable_prefix_attention(model)
+    attach_concatenated(model, attention_modules(model, "mpnet"))
+
+    with pytest.raises(NotImplementedError, match="position_bias='concatenated'.*MPNetSelfAttention"):
+        run(model, "mpnet")
+
+
+@pytest.mark.parametrize(("modes", "message"), [(("zero", "concatenated"), "one position bias"),
+                                                (("sideways",), "position_bias='sideways'")])
+def test_prefix_position_bias_modes_checked(modes, message):
+    model = build_model("t5")
+    enable_prefix_attention(model)
+    kv_heads, head_dim = kv_shape(model)
+    pairs = [PrefixPair(torch.zeros(1, kv_heads, 2, head_dim), torch.zeros(1, kv_heads, 2, head_dim), mode)
+             for mode in modes]
+
+    class Pairs:
+        def __call__(self, module, query):
+            return pairs
+
+    set_prefix_source(model.encoder.block[0].layer[0].SelfAttention, Pairs())
+    with pytest.raises(ValueError, match=message):
+        run(model, "t5")

@@ -47,8 +47,11 @@ def resolve_model_class(adapter_dir: Path, override: str | None) -> str:
 
 
 def resolve_num_labels(adapter_dir: Path, model_class: str) -> int | None:
-    """Return num_labels for a transformers *ForSequenceClassification class, from head_config.json."""
-    if not model_class.endswith("ForSequenceClassification"):
+    """Return num_labels for a transformers *ForSequenceClassification or *ForTokenClassification class.
+
+    The value comes from head_config.json.
+    """
+    if not model_class.endswith(("ForSequenceClassification", "ForTokenClassification")):
         return None
     head_config = adapter_dir / "head_config.json"
     if not head_config.exists():

@@ -103,6 +103,12 @@ class Method:
         make_config: Builds the `adapters` config object.
         seed_name: Fixture name whose noise seed this one reuses (same weights), else its own.
         eject_prefix: Call `eject_prefix_tuning` after computing the outputs and before saving.
+        families: Names of the families that get this fixture, or None for every family.
+        head: For families with a classification head: the model method that adds the flexible
+            head and its keyword arguments (num_labels is added), in place of
+            `add_classification_head(name, num_labels=NUM_LABELS)`.
+        generate_families: Families whose fixture also stores a greedy generation with the KV
+            cache in generation.safetensors (see GENERATE_CALL).
     """
 
     name: str
@@ -111,6 +117,9 @@ class Method:
     overrides: dict = field(default_factory=dict)
     seed_name: str | None = None
     eject_prefix: bool = False
+    families: tuple[str, ...] | None = None
+    head: tuple[str, dict] | None = None
+    generate_families: tuple[str, ...] = ()
 
 
 FAMILIES = (
@@ -238,6 +247,10 @@ SEQ_BN_CUSTOM_OVERRIDES = {
     "scaling": "learned",
 }
 LORA_OVERRIDES = {"r": 4, "alpha": 8, "selfattn_lora": True, "intermediate_lora": True, "output_lora": True}
+# T5 blocks 0 and 1 are the encoder, 2 and 3 the decoder. Leaving out blocks 0 and 3 gives each stack a
+# block whose prefix length differs from its first block's, where adapters stops using the relative
+# position bias that the first block computed.
+PREFIX_LEAVE_OUT_OVERRIDES = {"prefix_length": 5, "leave_out": [0, 3]}
 
 METHODS = (
     Method("seq_bn", "seq_bn", SeqBnConfig),
@@ -249,7 +262,11 @@ METHODS = (
     Method("lora", "lora", lambda: LoRAConfig(**LORA_OVERRIDES), overrides=LORA_OVERRIDES),
     Method("ia3", "ia3", IA3Config),
     Method(
-        "prefix_tuning", "prefix_tuning", lambda: PrefixTuningConfig(**PREFIX_OVERRIDES), overrides=PREFIX_OVERRIDES
+        "prefix_tuning",
+        "prefix_tuning",
+        lambda: PrefixTuningConfig(**PREFIX_OVERRIDES),
+        overrides=PREFIX_OVERRIDES,
+        generate_families=("t5",),
     ),
     Method(
         "prefix_tuning_ejected",
@@ -279,9 +296,45 @@ METHODS = (
         overrides={"prefix_tuning": PREFIX_OVERRIDES},
     ),
     Method("seq_bn_inv", "seq_bn_inv", SeqBnInvConfig),
+    Method(
+        "prefix_tuning_leave_out",
+        "prefix_tuning_flat",
+        lambda: PrefixTuningConfig(flat=True, **PREFIX_LEAVE_OUT_OVERRIDES),
+        overrides=PREFIX_LEAVE_OUT_OVERRIDES,
+        families=("t5",),
+        generate_families=("t5",),
+    ),
+    # Flexible heads other than the default 2-layer classification head, each next to a seq_bn adapter.
+    Method(
+        "head_pooler",
+        "seq_bn",
+        SeqBnConfig,
+        families=("bert",),
+        head=("add_classification_head", {"layers": 1, "use_pooler": True}),
+    ),
+    Method("head_tagging", "seq_bn", SeqBnConfig, families=("bert", "roberta"), head=("add_tagging_head", {})),
+    Method(
+        "head_multilabel",
+        "seq_bn",
+        SeqBnConfig,
+        families=("roberta",),
+        head=("add_classification_head", {"multilabel": True}),
+    ),
+    Method(
+        "head_one_layer", "seq_bn", SeqBnConfig, families=("roberta",), head=("add_classification_head", {"layers": 1})
+    ),
 )
 
 FUSION_ADAPTERS = ("fuse_a", "fuse_b")
+
+# Greedy decoding of NEW_TOKENS tokens from inputs.json. min_new_tokens keeps the end-of-sequence token
+# out, so every row has the same length.
+NEW_TOKENS = 6
+GENERATE_CALL = (
+    f"model.generate(input_ids, attention_mask=attention_mask, max_new_tokens={NEW_TOKENS}, "
+    f"min_new_tokens={NEW_TOKENS}, do_sample=False, use_cache=True, output_logits=True, "
+    "return_dict_in_generate=True)"
+)
 
 
 def family_inputs(family: Family, config: transformers.PretrainedConfig) -> dict:
@@ -477,7 +530,9 @@ def build_method_fixture(family: Family, method: Method, root: Path, base_output
 
     head_prefix = f"heads.{method.name}."
     if family.classification_head:
-        model.add_classification_head(method.name, num_labels=NUM_LABELS)
+        add_head, head_kwargs = method.head or ("add_classification_head", {})
+        getattr(model, add_head)(method.name, num_labels=NUM_LABELS, **head_kwargs)
+        entry["head_call"] = f"model.{add_head}({method.name!r}, num_labels={NUM_LABELS}, **{head_kwargs!r})"
     model.set_active_adapters(method.name)
     noised = add_noise(
         model,
@@ -502,6 +557,10 @@ def build_method_fixture(family: Family, method: Method, root: Path, base_output
         family,
     )
     save_file(outputs, folder / "expected.safetensors")
+    if family.name in method.generate_families:
+        generation, cache_difference = run_generation(model, inputs)
+        save_file(generation, folder / "generation.safetensors")
+        entry["generation"] = {"call": GENERATE_CALL, "uncached_max_abs_diff": cache_difference}
 
     entry.update(describe_folder(folder, root))
     entry["noised_parameters"] = len(noised)
@@ -528,6 +587,34 @@ def build_method_fixture(family: Family, method: Method, root: Path, base_output
         shutil.rmtree(folder)
         entry["files"] = []
     return entry
+
+
+def run_generation(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
+    """Run GENERATE_CALL and return its tensors and the max logit difference to the same call without the cache.
+
+    Returns:
+        ``{"sequences": (batch, 1 + NEW_TOKENS) int64, "logits": (NEW_TOKENS, batch, vocab) float32}`` and
+        the max absolute difference of the logits from decoding without the KV cache.
+
+    Raises:
+        RuntimeError: If decoding without the cache gives other tokens.
+    """
+    settings = dict(
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    prompt = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    with torch.no_grad():
+        cached = model.generate(**prompt, use_cache=True, **settings)
+        uncached = model.generate(**prompt, use_cache=False, **settings)
+    if not torch.equal(cached.sequences, uncached.sequences):
+        raise RuntimeError("adapters generated other tokens with the KV cache than without it")
+    logits = torch.stack(cached.logits).float().contiguous()
+    difference = (logits - torch.stack(uncached.logits).float()).abs().max().item()
+    return {"sequences": cached.sequences.contiguous(), "logits": logits}, difference
 
 
 def forward_description(family: Family, note: str = "") -> str:
@@ -749,6 +836,8 @@ def main(argv: list[str] | None = None) -> int:
         base_entry, base_outputs = build_base(family, root)
         manifest["bases"][family.name] = base_entry
         for method in METHODS:
+            if method.families is not None and family.name not in method.families:
+                continue
             fixture_id = f"{family.name}/{method.name}"
             entry = guarded(
                 lambda: build_method_fixture(family, method, root, base_outputs), fixture_id, family.name, method.name

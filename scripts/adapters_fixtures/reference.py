@@ -43,7 +43,8 @@ def load_model(base_dir: str | Path, model_class: str, num_labels: int | None = 
         model_class: "AutoAdapterModel" (or any `*AdapterModel` name) for `adapters`' flexible-head
             classes, or the name of a transformers class (e.g. "GPT2LMHeadModel"), which is then
             wrapped with `adapters.init`.
-        num_labels: Number of labels for a transformers `*ForSequenceClassification` class.
+        num_labels: Number of labels for a transformers `*ForSequenceClassification` or
+            `*ForTokenClassification` class.
 
     Returns:
         The model, with adapters support and no adapter added.
@@ -69,7 +70,8 @@ def run_forward(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict
         A dict with some of these float32 tensors:
         - "last_hidden_state": (batch, seq_len, hidden) of the (decoder) stack, after its final norm.
         - "encoder_last_hidden_state": (batch, src_len, hidden), encoder-decoder models only.
-        - "logits": (batch, num_labels) for classification heads, (batch, seq_len, vocab) for LM heads.
+        - "logits": (batch, num_labels) for classification heads, (batch, seq_len, num_labels) for tagging
+          heads, (batch, seq_len, vocab) for LM heads.
     """
     model.eval()
     with torch.no_grad():

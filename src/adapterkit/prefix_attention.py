@@ -18,7 +18,9 @@ the model's attention through code that prepends them:
   decoders), the patch prepends the prefix to what the cache returns, so the cache never stores it.
 
 In every family the prefix columns are always attended (padding and causal masks do not cover
-them) and get zero position bias (T5's relative bias, MPNet's and DeBERTa-v2's relative terms).
+them). By default they get zero position bias (T5's relative bias, MPNet's and DeBERTa-v2's
+relative terms). A source can request T5's relative bias over the prefix and the real keys as one
+key sequence instead (``PrefixPair.position_bias``, see ``PrefixTuningConfig.position_bias``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import inspect
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import transformers
@@ -38,9 +41,42 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 # A prefix source: called as ``source(attention_module, query)`` with the query
-# ``(batch, heads, q_len, head_dim)``, it returns a list of ``(key, value)`` pairs, each
-# ``(batch or 1, kv_heads, prefix_length, head_dim)``, to put before the real keys in list order.
+# ``(batch, heads, q_len, head_dim)``, it returns a list of ``(key, value)`` pairs or ``PrefixPair``s,
+# each tensor ``(batch or 1, kv_heads, prefix_length, head_dim)``, to put before the real keys in list order.
 PrefixSource = Callable[[nn.Module, torch.Tensor], Sequence[tuple[torch.Tensor, torch.Tensor]]]
+
+# The position_bias modes of a prefix: "zero" bias on the prefix columns, or T5's relative bias
+# computed over the prefix and the real keys as one key sequence (PrefixTuningConfig.position_bias).
+POSITION_BIAS_MODES = ("zero", "concatenated")
+
+
+class PrefixPair(NamedTuple):
+    """One prefix that a prefix source returns. A plain ``(key, value)`` tuple means ``position_bias="zero"``.
+
+    Attributes:
+        key: ``(batch or 1, kv_heads, prefix_length, head_dim)``.
+        value: ``(batch or 1, kv_heads, prefix_length, value_dim)``.
+        position_bias: One of ``POSITION_BIAS_MODES``. Only attention modules with a relative
+            position bias (T5) compute differently in the two modes.
+    """
+
+    key: torch.Tensor
+    value: torch.Tensor
+    position_bias: str = "zero"
+
+
+class CollectedPrefix(NamedTuple):
+    """The prefixes of one attention call, concatenated along the prefix positions.
+
+    Attributes:
+        key: ``(batch, kv_heads, prefix_length, head_dim)``.
+        value: ``(batch, kv_heads, prefix_length, value_dim)``.
+        position_bias: The one ``POSITION_BIAS_MODES`` entry that every collected prefix requested.
+    """
+
+    key: torch.Tensor
+    value: torch.Tensor
+    position_bias: str
 
 PREFIX_SOURCE_ATTRIBUTE = "adapterkit_prefix_source"
 IMPLEMENTATION_PREFIX = "adapterkit_prefix_"
@@ -50,6 +86,7 @@ _PATCH_ATTRIBUTE = "adapterkit_prefix_patch"
 # where its modeling module does not import ALL_ATTENTION_FUNCTIONS: MPNet and DeBERTa-v2 in
 # transformers 4.57 and 5, the others in 4.x only (transformers 5 moved them onto the interface).
 # Each value names a patch kind, and _PATCH_CLASSES at the end of this file maps it to the patch class.
+# On the interface, T5Attention gets the smaller patch of _INTERFACE_PATCH_CLASSES for its position bias.
 _HOOKED_ATTENTION_CLASSES: dict[str, dict[str, str]] = {
     "transformers.models.mpnet.modeling_mpnet": {"MPNetSelfAttention": "mpnet"},
     "transformers.models.deberta_v2.modeling_deberta_v2": {"DisentangledSelfAttention": "deberta-v2"},
@@ -101,7 +138,7 @@ def get_prefix_source(attention_module: nn.Module) -> PrefixSource | None:
 
 
 def collect_prefix(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
-                   value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+                   value: torch.Tensor) -> CollectedPrefix | None:
     """Call the prefix source of ``module`` and concatenate what it returns.
 
     Args:
@@ -112,11 +149,12 @@ def collect_prefix(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         value: The real values ``(batch, kv_heads, k_len, value_dim)``.
 
     Returns:
-        ``(prefix_key, prefix_value)``, each ``(batch, kv_heads, prefix_length, dim)``, or ``None``
-        when the module has no source or the source returns no pair.
+        ``CollectedPrefix(key, value, position_bias)``, the tensors ``(batch, kv_heads,
+        prefix_length, dim)``, or ``None`` when the module has no source or the source returns no pair.
 
     Raises:
-        ValueError: If a returned tensor has the wrong shape.
+        ValueError: If a returned tensor has the wrong shape, or the pairs request an unknown
+            ``position_bias`` or different ones.
     """
     source = get_prefix_source(module)
     if source is None:
@@ -125,8 +163,10 @@ def collect_prefix(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     if not pairs:
         return None
     keys, values = [], []
+    modes = set()
     for pair in pairs:
-        prefix_key, prefix_value = pair
+        prefix_key, prefix_value = pair[0], pair[1]
+        modes.add(getattr(pair, "position_bias", "zero"))
         _check_prefix_shape(module, "key", prefix_key, key)
         _check_prefix_shape(module, "value", prefix_value, value)
         if prefix_key.shape[2] != prefix_value.shape[2]:
@@ -136,9 +176,17 @@ def collect_prefix(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         batch = key.shape[0]
         keys.append(prefix_key.to(device=key.device, dtype=key.dtype).expand(batch, -1, -1, -1))
         values.append(prefix_value.to(device=value.device, dtype=value.dtype).expand(batch, -1, -1, -1))
+    unknown = sorted(modes - set(POSITION_BIAS_MODES))
+    if unknown:
+        raise ValueError(f"the prefix source of {type(module).__name__} returned position_bias={unknown[0]!r}: "
+                         f"expected one of {', '.join(POSITION_BIAS_MODES)}")
+    if len(modes) > 1:
+        raise ValueError(f"the prefix source of {type(module).__name__} returned prefixes with position_bias "
+                         f"{sorted(modes)}, but one attention layer computes one position bias. Activate only prefix "
+                         "adapters with the same PrefixTuningConfig.position_bias together")
     if len(keys) == 1:
-        return keys[0], values[0]
-    return torch.cat(keys, dim=2), torch.cat(values, dim=2)
+        return CollectedPrefix(keys[0], values[0], modes.pop())
+    return CollectedPrefix(torch.cat(keys, dim=2), torch.cat(values, dim=2), modes.pop())
 
 
 def _check_prefix_shape(module: nn.Module, name: str, prefix: torch.Tensor, real: torch.Tensor) -> None:
@@ -300,8 +348,10 @@ def _check_supported(model: nn.Module) -> None:
 def _patch_class(module: nn.Module) -> type | None:
     """Return the hook patch class for ``module``, or ``None`` if it gets none."""
     kind = _HOOKED_ATTENTION_CLASSES.get(type(module).__module__, {}).get(type(module).__name__)
-    if kind is None or _uses_attention_interface(module):
+    if kind is None:
         return None
+    if _uses_attention_interface(module):
+        return _INTERFACE_PATCH_CLASSES.get(kind)
     return _PATCH_CLASSES[kind]
 
 
@@ -313,7 +363,8 @@ class PrefixAttentionFunction:
     An attention module calls it with its query ``(batch, heads, q_len, head_dim)``, its keys and
     values after the cache update ``(batch, kv_heads, k_len, head_dim)`` and its 4-D mask (or
     ``None``). It prepends the module's prefixes to the keys and values, attended columns to the
-    mask and zero columns to T5's ``position_bias``, then calls the base implementation.
+    mask and zero columns to T5's ``position_bias``, then calls the base implementation. With
+    ``position_bias="concatenated"`` prefixes, T5's bias comes from ``_T5BiasPatch.resolve`` instead.
 
     With ``base_implementation == "sdpa"``, a ``None`` mask on a causal module makes SDPA apply
     ``is_causal``, which is top-left aligned and so equals bottom-right alignment whenever
@@ -339,10 +390,15 @@ class PrefixAttentionFunction:
                  attention_mask: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         attention = self._base_function(module)
         prefix = collect_prefix(module, query, key, value)
+        bias_patch = module.__dict__.get(_PATCH_ATTRIBUTE)
+        if not isinstance(bias_patch, _T5BiasPatch):
+            bias_patch = None
         if prefix is None:
+            if bias_patch is not None and kwargs.get("position_bias") is not None:
+                kwargs["position_bias"] = bias_patch.resolve(query, key, kwargs["position_bias"], 0, "zero")
             return attention(module, query, key, value, attention_mask, **kwargs)
 
-        prefix_key, prefix_value = prefix
+        prefix_key, prefix_value, mode = prefix
         length = prefix_key.shape[2]
         if attention_mask is None and self.base_implementation == "sdpa":
             attention_mask = _sdpa_causal_mask(module, query, key, kwargs.get("is_causal"))
@@ -354,7 +410,12 @@ class PrefixAttentionFunction:
             attend = True if attention_mask.dtype == torch.bool else 0.0
             attention_mask = prepend_columns(attention_mask, length, attend)
         if kwargs.get("position_bias") is not None:
-            kwargs["position_bias"] = prepend_columns(kwargs["position_bias"], length, 0.0)
+            if bias_patch is not None:
+                kwargs["position_bias"] = bias_patch.resolve(query, key, kwargs["position_bias"], length, mode)
+            elif mode == "concatenated":
+                raise NotImplementedError(_concatenated_bias_message(module))
+            else:
+                kwargs["position_bias"] = prepend_columns(kwargs["position_bias"], length, 0.0)
         key = torch.cat([prefix_key, key], dim=2)
         value = torch.cat([prefix_value, value], dim=2)
         return attention(module, query, key, value, attention_mask, **kwargs)
@@ -374,6 +435,11 @@ class PrefixAttentionFunction:
                                f"cannot run the {self.base_implementation!r} implementation for "
                                f"{type(module).__name__}; use attn_implementation='sdpa'")
         return function
+
+
+def _concatenated_bias_message(module: nn.Module) -> str:
+    return (f"position_bias='concatenated' is implemented for T5Attention's relative position bias, not for "
+            f"{type(module).__name__} ({type(module).__module__}). Use PrefixTuningConfig(position_bias='zero')")
 
 
 def _call_upcast_and_reordered(module, query, key, value, attention_mask, **kwargs):
@@ -439,6 +505,10 @@ class _ForwardArguments:
 class _HookPatch:
     """Hooks on one attention module that computes the scores itself. Per-forward state is thread-local."""
 
+    # Whether the patch computes prefixes with position_bias="concatenated". Patches of modules
+    # without a relative position bias compute the same in both modes.
+    supports_concatenated_bias = True
+
     def __init__(self, module: nn.Module):
         self.module = module
         self._arguments = _ForwardArguments(module)
@@ -452,15 +522,24 @@ class _HookPatch:
         self._handles = []
         self._state = threading.local()
 
-    def _begin(self, module: nn.Module, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Collect the prefix and store its rows, ``(batch, length, heads * head_dim)``, for the projection hooks."""
+    def _begin(self, module: nn.Module, query: torch.Tensor) -> CollectedPrefix | None:
+        """Collect the prefix and store its rows, ``(batch, length, heads * head_dim)``, for the projection hooks.
+
+        Raises:
+            NotImplementedError: If the prefix requests ``position_bias="concatenated"`` and the
+                patch does not support it.
+        """
         self._state.length = 0
         self._state.key_rows = None
         self._state.value_rows = None
+        self._state.position_bias = "zero"
         prefix = collect_prefix(module, query, query, query)
         if prefix is None:
             return None
-        prefix_key, prefix_value = prefix
+        prefix_key, prefix_value, mode = prefix
+        if mode == "concatenated" and not self.supports_concatenated_bias:
+            raise NotImplementedError(_concatenated_bias_message(module))
+        self._state.position_bias = mode
         batch, _, length, _ = prefix_key.shape
         self._state.length = length
         self._state.key_rows = prefix_key.transpose(1, 2).reshape(batch, length, -1)
@@ -516,6 +595,8 @@ class _MPNetPatch(_HookPatch):
     query to the source, and the padded rows cost ``length`` extra query rows.
     """
 
+    supports_concatenated_bias = False
+
     def __init__(self, module: nn.Module):
         super().__init__(module)
         self._handles = [
@@ -567,6 +648,8 @@ class _DebertaV2Patch(_HookPatch):
     NOTE: when the module has a source, the pre-hook runs the query projection once more to hand the
     query to the source.
     """
+
+    supports_concatenated_bias = False
 
     def __init__(self, module: nn.Module):
         super().__init__(module)
@@ -707,12 +790,16 @@ class _CachedAttentionPatch(_HookPatch):
         """Return the module's output without what the prefix added to it, or ``None`` to keep it."""
         return None
 
+    def _arguments_without_prefix(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Return changed arguments for a forward without a prefix, or ``None`` to keep them."""
+        return None
+
     def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         self._undo_cache_changes()
         query = self._query(module, self._arguments.get(args, kwargs, "hidden_states"))
         prefix = self._begin(module, query)
         if prefix is None:
-            return None
+            return self._arguments_without_prefix(module, args, kwargs)
         args, kwargs = list(args), dict(kwargs)
         is_cross_attention = self._arguments.get(args, kwargs, self.cross_attention_input) is not None
         cache = self._arguments.get(args, kwargs, "past_key_values")
@@ -727,15 +814,14 @@ class _CachedAttentionPatch(_HookPatch):
         self._extend_arguments(module, args, kwargs, query, is_cross_attention, layer_cache)
         return tuple(args), kwargs
 
-    def _route_through_cache(self, module: nn.Module, cache, is_cross_attention: bool,
-                             prefix: tuple[torch.Tensor, torch.Tensor]):
+    def _route_through_cache(self, module: nn.Module, cache, is_cross_attention: bool, prefix: CollectedPrefix):
         """Make the keys and values that the module reads from ``cache`` start with ``prefix``.
 
         Returns:
             The cache of the module's layer kind: the self-attention or cross-attention part of an
             ``EncoderDecoderCache``, or ``cache`` itself.
         """
-        prefix_key, prefix_value = prefix
+        prefix_key, prefix_value = prefix.key, prefix.value
         index = module.layer_idx
         # The same choice of cache and of the read-only path as the modules' forward.
         layer_cache, reuses_stored = cache, False
@@ -832,10 +918,18 @@ class _T5Patch(_CachedAttentionPatch):
 
     The module adds one tensor to its scores: ``position_bias``, which it computes in its first layer
     as relative bias plus mask and returns for the next layers to reuse. The pre-hook prepends zero
-    columns to the mask and to a given ``position_bias``. An instance attribute overrides
-    ``compute_bias`` to compute the relative bias on the real key length only and give the prefix
-    columns zero bias. The forward hook drops the prefix columns from the returned bias, so the next
-    layers get the same bias as without a prefix.
+    columns to the mask. An instance attribute overrides ``compute_bias``.
+
+    With ``position_bias="zero"`` prefixes, the pre-hook prepends zero columns to a given
+    ``position_bias``, and ``compute_bias`` computes the relative bias on the real key length only
+    and gives the prefix columns zero bias. The forward hook drops the prefix columns from the
+    returned bias, so the next layers get the same bias as without a prefix.
+
+    With ``position_bias="concatenated"`` prefixes, ``compute_bias`` runs over the whole key length,
+    prefix included, and the module returns that bias for the next layers, as ``adapters`` 1.3.0
+    does. A given bias whose width is not the key length plus this layer's prefix length is dropped,
+    so the module computes it again, which gives zero relative bias in every layer but the first.
+    A layer without a prefix does the same with a bias that is wider than its keys.
 
     NOTE: when the module has a source, the pre-hook runs the query projection once more to hand the
     query to the source.
@@ -860,26 +954,132 @@ class _T5Patch(_CachedAttentionPatch):
 
     def _extend_arguments(self, module: nn.Module, args: list, kwargs: dict, query: torch.Tensor,
                           is_cross_attention: bool, layer_cache) -> None:
-        for name in ("mask", "position_bias"):
-            tensor = self._arguments.get(args, kwargs, name)
-            if tensor is not None:
-                fill = True if tensor.dtype == torch.bool else 0.0
-                self._arguments.set(args, kwargs, name, prepend_columns(tensor, self._state.length, fill))
+        count = self._state.length
+        mask = self._arguments.get(args, kwargs, "mask")
+        # The 4.57 stacks always pass a mask as wide as the keys (past keys included).
+        real_length = None if mask is None else mask.shape[-1]
+        if mask is not None:
+            fill = True if mask.dtype == torch.bool else 0.0
+            self._arguments.set(args, kwargs, "mask", prepend_columns(mask, count, fill))
+        bias = self._arguments.get(args, kwargs, "position_bias")
+        if bias is None:
+            return
+        if self._state.position_bias == "concatenated":
+            # NOTE: without a mask the key length is unknown here, and a given bias is kept as it is.
+            if real_length is not None and bias.shape[-1] != real_length + count:
+                self._arguments.set(args, kwargs, "position_bias", None)
+        elif real_length is None or bias.shape[-1] == real_length:
+            fill = True if bias.dtype == torch.bool else 0.0
+            self._arguments.set(args, kwargs, "position_bias", prepend_columns(bias, count, fill))
+        else:
+            self._arguments.set(args, kwargs, "position_bias", None)
+
+    def _arguments_without_prefix(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        bias = self._arguments.get(args, kwargs, "position_bias")
+        mask = self._arguments.get(args, kwargs, "mask")
+        if bias is None or mask is None or bias.shape[-1] == mask.shape[-1]:
+            return None
+        # An earlier layer returned a bias that covers a concatenated prefix, and this layer has none.
+        args, kwargs = list(args), dict(kwargs)
+        self._arguments.set(args, kwargs, "position_bias", None)
+        return tuple(args), kwargs
 
     def _compute_bias(self, query_length: int, key_length: int, device=None, cache_position=None) -> torch.Tensor:
         count = getattr(self._state, "length", 0)
         method = type(self.module).compute_bias
+        if getattr(self._state, "position_bias", "zero") == "concatenated":
+            return method(self.module, query_length, key_length, device=device, cache_position=cache_position)
         bias = method(self.module, query_length, key_length - count, device=device, cache_position=cache_position)
         return F.pad(bias, (count, 0)) if count else bias
 
-    def _trim_output(self, output: tuple, count: int) -> tuple:
+    def _trim_output(self, output: tuple, count: int) -> tuple | None:
+        if self._state.position_bias == "concatenated":
+            return None
         # output is (attention output, position bias (batch or 1, heads, q_len, prefix + k_len)) plus the
         # probabilities when output_attentions is set.
         return (output[0], output[1][..., count:]) + tuple(output[2:])
 
 
+class _T5BiasPatch(_HookPatch):
+    """T5's relative position bias for ``T5Attention`` modules that call the ``AttentionInterface`` (transformers 5).
+
+    ``PrefixAttentionFunction`` adds the prefix keys and values and calls ``resolve`` for the bias.
+    An instance attribute overrides ``compute_bias`` to record its arguments, so ``resolve`` can
+    compute the bias again over the key length plus the prefix length. A forward hook returns the
+    bias that ``resolve`` chose to share in place of the module's own, so the next layers reuse it.
+    Without ``position_bias="concatenated"`` prefixes in the stack, the module returns its own bias,
+    as without the patch.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__(module)
+        self._handles = [
+            module.register_forward_pre_hook(self._before),
+            module.register_forward_hook(self._after, always_call=True),
+        ]
+        module.compute_bias = self._compute_bias
+
+    def remove(self) -> None:
+        self.module.__dict__.pop("compute_bias", None)
+        super().remove()
+
+    def _before(self, module: nn.Module, args: tuple) -> None:
+        self._state.bias_call = None
+        self._state.shared = None
+
+    def _compute_bias(self, *args, **kwargs) -> torch.Tensor:
+        # T5Attention.forward calls compute_bias(query_length, key_length, device=..., <past length>=...).
+        self._state.bias_call = (args, kwargs)
+        return type(self.module).compute_bias(self.module, *args, **kwargs)
+
+    def resolve(self, query: torch.Tensor, key: torch.Tensor, bias: torch.Tensor, length: int,
+                mode: str) -> torch.Tensor:
+        """Return the position bias of this attention call, ``(1, heads, q_len, length + k_len)``.
+
+        Args:
+            query: ``(batch, heads, q_len, head_dim)``.
+            key: The real keys ``(batch, heads, k_len, head_dim)``, without the prefix.
+            bias: The bias the module passes: computed for ``k_len`` keys in the stack's first
+                layer, else the one that the previous layer returned.
+            length: The prefix length, 0 without a prefix.
+            mode: The prefix's ``position_bias``, ``"zero"`` without a prefix.
+        """
+        real_length = key.shape[2]
+        width = bias.shape[-1]
+        if mode == "concatenated" and width == real_length + length:
+            # The previous layer shared a bias over a prefix of this length.
+            return bias
+        if mode != "concatenated" and width == real_length:
+            return prepend_columns(bias, length, 0.0) if length else bias
+        # As adapters 1.3.0 does when the bias does not fit the scores: the layer with the relative
+        # attention bias computes it over all keys, prefix included, and every other layer uses zeros.
+        call = getattr(self._state, "bias_call", None)
+        if mode == "concatenated" and call is not None:
+            args, kwargs = call
+            if len(args) >= 2:
+                args = (args[0], args[1] + length, *args[2:])
+            else:
+                kwargs = {**kwargs, "key_length": kwargs["key_length"] + length}
+            shared = type(self.module).compute_bias(self.module, *args, **kwargs)
+        else:
+            shared = bias.new_zeros((1, bias.shape[1], query.shape[2], real_length + length))
+        self._state.shared = shared
+        return shared
+
+    def _after(self, module: nn.Module, args: tuple, output) -> tuple | None:
+        shared = getattr(self._state, "shared", None)
+        self._state.shared = None
+        self._state.bias_call = None
+        if shared is None or output is None:
+            return None
+        # output is (attention output, position bias, attention weights or None).
+        return (output[0], shared, *output[2:])
+
+
 _PATCH_CLASSES = {"mpnet": _MPNetPatch, "deberta-v2": _DebertaV2Patch, "distilbert": _DistilBertPatch,
                   "bert": _BertPatch, "t5": _T5Patch}
+# Patches of attention classes that call the AttentionInterface, by the same kinds.
+_INTERFACE_PATCH_CLASSES = {"t5": _T5BiasPatch}
 
 
 def _prepend_rows_and_columns(tensor: torch.Tensor, count: int, query_length: int, fill: float | bool) -> torch.Tensor:

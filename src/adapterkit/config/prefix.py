@@ -8,6 +8,8 @@ from typing import ClassVar
 from .base import MethodConfig, check_bools, check_choice, check_probability, is_int, register_config
 
 PREFIX_NON_LINEARITIES = ("tanh", "relu", "gelu", "swish", "silu")
+# Modes of T5's relative position bias next to a prefix (see PrefixTuningConfig.position_bias).
+PREFIX_POSITION_BIASES = ("zero", "concatenated")
 
 
 @register_config
@@ -28,6 +30,17 @@ class PrefixTuningConfig(MethodConfig):
         shift_positions: Number the real tokens from ``prefix_length`` instead of 0, as PEFT does by
             passing its prefix as a KV cache. Checkpoints read from PEFT set it, so their outputs match
             PEFT's. Needs a family whose description names its ``position_ids`` rule.
+        position_bias: The mode of T5's relative position bias next to the prefix. ``"zero"`` gives the
+            prefix columns zero bias and the real keys the bias they have without a prefix.
+            ``"concatenated"`` computes the bias over the prefix and the real keys as one key
+            sequence: key ``j`` of ``[prefix; keys]`` is at position ``j``, and the queries keep
+            their positions, so every real key moves ``prefix_length`` positions away from the
+            queries. That is what AdapterHub's ``adapters`` 1.3.0 computes, and reading its T5
+            checkpoints sets it. As there, the first block of a stack computes the bias and later
+            blocks reuse it, and from the first block whose prefix length differs from the first
+            block's (see ``leave_out``) on, every block of that stack gets zero relative bias.
+            Models without a relative position bias (BERT, GPT-2, Llama, BART) compute the same in
+            both modes. MPNet and DeBERTa-v2 raise ``NotImplementedError`` on ``"concatenated"``.
         leave_out: Indices of blocks that get no prefix.
     """
 
@@ -40,6 +53,7 @@ class PrefixTuningConfig(MethodConfig):
     cross_prefix: bool = True
     use_gating: bool = False
     shift_positions: bool = False
+    position_bias: str = "zero"
 
     architecture: ClassVar[str] = "prefix_tuning"
 
@@ -50,6 +64,7 @@ class PrefixTuningConfig(MethodConfig):
             if not is_int(value) or value < 1:
                 problems.append(f"{name}={value!r}: expected an integer >= 1")
         problems += check_choice("non_linearity", self.non_linearity, PREFIX_NON_LINEARITIES)
+        problems += check_choice("position_bias", self.position_bias, PREFIX_POSITION_BIASES)
         problems += check_probability("dropout", self.dropout)
         problems += check_bools(self, ("flat", "encoder_prefix", "cross_prefix", "use_gating", "shift_positions"))
         return problems

@@ -14,7 +14,11 @@ An ``adapters`` checkpoint is the folder that ``model.save_adapter(folder, name)
 - Optionally ``head_config.json`` with ``pytorch_model_head.bin`` or ``model_head.safetensors``:
   a static transformers head (``"config": null``, keys such as ``classifier.weight``) or one of
   ``adapters``' flexible heads (keys ``heads.<name>.<i>.``).
-- An AdapterFusion folder has ``adapter_fusion_config.json`` instead.
+- An AdapterFusion folder (``model.save_adapter_fusion``) has ``adapter_fusion_config.json``:
+  ``{"adapter_names", "config": {...}, "name", ...}`` with the ``FusionConfig`` fields, and
+  ``pytorch_model_adapter_fusion.bin`` or ``model_adapter_fusion.safetensors`` with keys such as
+  ``bert.encoder.layer.0.output.adapter_fusion_layer.<fusion name>.query.weight``, plus the
+  fusion's head files. ``read_adapters_fusion`` and ``write_adapters_fusion`` convert them.
 
 ``read_adapters`` maps such a folder onto adapterkit's config and weights so that the model
 computes what the ``adapters`` model computed, within float rounding. Where a step needs a
@@ -26,7 +30,9 @@ raises ``ValueError`` naming the part. ``write_adapters`` writes the reverse, wh
 The placement of each method per family follows ``adapters`` 1.3.0 (``models/<family>/mixin_*.py``):
 ``intermediate_lora`` and ``output_lora`` wrap ``intermediate.dense`` and ``output.dense`` on BERT,
 but ``mlp.down_proj`` and ``mlp.up_proj`` on Llama. ``selfattn_lora`` also wraps the
-cross-attention projections of BART and T5.
+cross-attention projections of BART and T5. On T5, ``adapters`` computes the relative position
+bias over the prefix and the real keys together, so T5 prefixes read from it get
+``PrefixTuningConfig(position_bias="concatenated")``, and only such prefixes are written to it.
 """
 
 from __future__ import annotations
@@ -45,8 +51,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..architectures import StackSpec, find_base_model
-from ..config import (BottleneckConfig, ConfigUnion, IA3Config, InvertibleConfig, LoRAConfig, MethodConfig,
-                      PrefixTuningConfig)
+from ..composition import Fuse
+from ..config import (BottleneckConfig, ConfigUnion, FusionConfig, IA3Config, InvertibleConfig, LoRAConfig,
+                      MethodConfig, PrefixTuningConfig)
+from ..heads import map_flexible_head
 from ..io import write_atomically
 from ..layout import build
 
@@ -311,9 +319,9 @@ def _load_state(directory: Path, bin_name: str, safe_name: str) -> dict[str, tor
 
 def _check_not_fusion(directory: Path) -> None:
     if (directory / FUSION_CONFIG_FILE).is_file():
-        raise NotImplementedError(
-            f"{directory} is an AdapterFusion checkpoint ({FUSION_CONFIG_FILE}): adapterkit cannot compose adapters "
-            "with AdapterFusion yet. Load the fused adapters' own folders one by one instead")
+        raise ValueError(
+            f"{directory} is an AdapterFusion checkpoint ({FUSION_CONFIG_FILE}), not an adapter. Load the fused "
+            "adapters' own folders with load_adapter, then this folder with model.load_adapter_fusion")
 
 
 # -- reading: configs -----------------------------------------------------------------------------
@@ -516,17 +524,18 @@ def _has_fused_attention(model: _Model) -> bool:
     return any(ref.parts > 1 for stack in model.layout.spec.stacks for ref in stack.linear_refs("query"))
 
 
-def _check_prefix_family(model: _Model) -> None:
-    if model.family == "t5":
-        raise ValueError("Prefix tuning of T5 models has no adapterkit equivalent: adapters 1.3.0 computes T5's "
-                         "relative position bias over the prefix and the real keys together, which moves every real "
-                         "key prefix_length positions away from the queries. adapterkit's prefix leaves the "
-                         "positions alone and gives the prefix no position bias")
+# Families whose relative position bias adapters 1.3.0 computes over the prefix and the real keys as one
+# key sequence (models/t5/modeling_t5.py: T5AttentionWithAdapters.forward calls compute_bias with the
+# prefixed key length), which PrefixTuningConfig(position_bias="concatenated") reproduces.
+_CONCATENATED_BIAS_FAMILIES = ("t5",)
+
+
+def _prefix_position_bias(model: _Model) -> str:
+    return "concatenated" if model.family in _CONCATENATED_BIAS_FAMILIES else "zero"
 
 
 def _prefix_config(data: dict[str, Any], model: _Model, notes: list[str]) -> PrefixTuningConfig:
     _warn_unknown(data, _PREFIX_KEYS, "prefix tuning", notes)
-    _check_prefix_family(model)
     get = data.get
     if get("use_gating", False):
         raise ValueError("The prefix tuning config has use_gating=True: adapters gates each layer's prefix with its "
@@ -542,6 +551,7 @@ def _prefix_config(data: dict[str, Any], model: _Model, notes: list[str]) -> Pre
         # adapters prefixes the one stack of encoder-only and decoder-only models for any encoder_prefix value.
         encoder_prefix=True if single_stack else bool(get("encoder_prefix", True)),
         cross_prefix=bool(get("cross_prefix", True)),
+        position_bias=_prefix_position_bias(model),
         leave_out=_leave_out(data),
     )
 
@@ -858,7 +868,7 @@ def _head(registry: AdapterRegistry, directory: Path,
         label2id = saved.get("label2id")
         num_labels = saved.get("num_labels")
     else:
-        mapped = _flex_head(registry, head_config, state, saved.get("name"))
+        mapped = map_flexible_head(registry.model, head_config, state, saved.get("name"), notes)
         label2id = head_config.get("label2id")
         num_labels = head_config.get("num_labels")
     unknown = sorted(set(mapped) - set(full))
@@ -885,43 +895,6 @@ def _head(registry: AdapterRegistry, directory: Path,
     return full, labels, sorted(mapped)
 
 
-# Heads of transformers classes that equal one of adapters' flexible classification heads: the flexible
-# head's config and the mapping of its layer indices (heads.<name>.<i>) onto the model's head keys.
-_FLEX_HEADS = {
-    # BertForSequenceClassification: classifier(dropout(pooler_output)).
-    "BertForSequenceClassification": ({"layers": 1, "use_pooler": True}, {"1": "classifier"}),
-    # RobertaClassificationHead: out_proj(dropout(tanh(dense(dropout(h[:, 0]))))).
-    "RobertaForSequenceClassification": ({"layers": 2, "use_pooler": False, "activation_function": "tanh"},
-                                         {"1": "classifier.dense", "4": "classifier.out_proj"}),
-}
-
-
-def _flex_head(registry: AdapterRegistry, head_config: dict[str, Any], state: dict[str, torch.Tensor],
-               head_name: Any) -> dict[str, torch.Tensor]:
-    """Map the weights of an ``adapters`` flexible classification head onto the model's head, or raise."""
-    class_name = type(registry.model).__name__
-    described = {key: head_config.get(key) for key in ("head_type", "layers", "activation_function", "use_pooler",
-                                                        "bias")}
-    entry = _FLEX_HEADS.get(class_name)
-    fits = (entry is not None and head_config.get("head_type") == "classification"
-            and head_config.get("bias", True) is not False
-            and all(head_config.get(key) == value for key, value in entry[0].items()))
-    if not fits:
-        supported = "; ".join(f"{name}: {config}" for name, (config, _) in _FLEX_HEADS.items())
-        raise ValueError(f"The checkpoint's flexible head ({described}) computes something the head of "
-                         f"{class_name} cannot: adapterkit maps classification heads onto {supported}. For BERT, "
-                         "a 2-layer head on the [CLS] state would replace BERT's pooler, which belongs to the base "
-                         "model. Load the model without a head (e.g. BertModel) to use the adapter without its head")
-    mapped = {}
-    prefix = f"heads.{head_name}." if head_name is not None else "heads."
-    for key, value in state.items():
-        match = re.fullmatch(rf"{re.escape(prefix)}(\d+)\.(weight|bias)", key) if key.startswith(prefix) else None
-        if match is None or match.group(1) not in entry[1]:
-            raise ValueError(f"The flexible head's weight {key!r} has no place in the head of {class_name}")
-        mapped[f"head.{entry[1][match.group(1)]}.{match.group(2)}"] = value
-    return mapped
-
-
 def read_adapters(registry: AdapterRegistry, directory: str | os.PathLike) -> AdaptersCheckpoint:
     """Map the ``adapters`` checkpoint in ``directory`` onto adapter config and weights for this model.
 
@@ -937,11 +910,11 @@ def read_adapters(registry: AdapterRegistry, directory: str | os.PathLike) -> Ad
 
     Raises:
         FileNotFoundError: If the config or weights file is missing.
-        NotImplementedError: For an AdapterFusion folder or weights.
-        ValueError: For any part adapterkit cannot reproduce exactly, naming it. Examples are gated
-            methods, DoRA, VeRA, Glow invertible adapters and shared PHM weights. So are T5 prefix
-            tuning, a T5 Compacter without its shared rule, a flexible head that the model's head
-            class cannot hold, and weights that do not fit the model.
+        ValueError: For an AdapterFusion folder (see ``read_adapters_fusion``), and for any part
+            adapterkit cannot reproduce exactly, naming it. Examples are gated
+            methods, DoRA, VeRA, Glow invertible adapters and shared PHM weights. So are a T5
+            Compacter without its shared rule, a flexible head that the model's head class cannot
+            hold, and weights that do not fit the model.
     """
     directory = Path(directory)
     _check_not_fusion(directory)
@@ -953,8 +926,11 @@ def read_adapters(registry: AdapterRegistry, directory: str | os.PathLike) -> Ad
     weights = _Weights(_load_state(directory, WEIGHTS_FILE, SAFE_WEIGHTS_FILE), model)
     fusion = [key for key in weights.tensors if ".adapter_fusion_layer." in key]
     if fusion:
-        raise NotImplementedError(f"The weights in {directory} contain AdapterFusion layers ({fusion[0]}), and "
-                                  "adapterkit cannot compose adapters with AdapterFusion yet")
+        weights.mark(fusion)
+        message = (f"Ignoring {len(fusion)} AdapterFusion tensors ({fusion[0]}, ...) in the adapter's weights; "
+                   "fusions load with model.load_adapter_fusion from their own folder")
+        logger.warning(message)
+        notes.append(message)
 
     members = _checkpoint_members(saved, model, weights, notes)
     weights_out = _read_members(members, _raw_members(saved["config"]), model, weights, name, notes)
@@ -1135,6 +1111,15 @@ def _lora_to_adapters(config: LoRAConfig | IA3Config, model: _Model) -> dict[str
         if config.use_gating:
             raise ValueError("The LoRA adapter has use_gating=True: adapters uses its sequence-averaged gate in place "
                              "of alpha / r, which adapterkit's gated LoRA does not compute")
+        patterns = []
+        if config.rank_pattern:
+            patterns.append(f"rank_pattern={config.rank_pattern}")
+        if config.alpha_pattern:
+            patterns.append(f"alpha_pattern={config.alpha_pattern}")
+        if patterns:
+            raise ValueError(f"The LoRA adapter sets per-module values ({', '.join(patterns)}), but adapters 1.3.0 has "
+                             "one r and one alpha per adapter. Save it in the adapterkit or PEFT format, or use a "
+                             "LoRAConfig without rank_pattern and alpha_pattern")
         return {"architecture": "lora", **placement, "leave_out": list(config.leave_out), "r": config.r,
                 "alpha": config.alpha, "dropout": config.dropout, "composition_mode": "add",
                 "init_weights": "bert" if config.init_weights == "bert" else "lora", "init_weights_seed": None,
@@ -1152,7 +1137,12 @@ def _prefix_to_adapters(config: PrefixTuningConfig, model: _Model) -> dict[str, 
     if config.use_gating:
         raise ValueError("The prefix tuning adapter has use_gating=True: adapters' prefix gate is another linear "
                          "layer per attention layer")
-    _check_prefix_family(model)
+    expected_bias = _prefix_position_bias(model)
+    if model.family in _CONCATENATED_BIAS_FAMILIES and config.position_bias != expected_bias:
+        raise ValueError(f"The prefix tuning adapter has position_bias={config.position_bias!r}, but adapters 1.3.0 "
+                         f"computes the relative position bias of {model.family!r} models over the prefix and the real "
+                         f"keys together, so it would give other outputs. Train the prefix with "
+                         f"PrefixTuningConfig(position_bias={expected_bias!r}) to write it in the adapters format")
     return {"architecture": "prefix_tuning", "encoder_prefix": config.encoder_prefix,
             "cross_prefix": config.cross_prefix, "leave_out": list(config.leave_out), "flat": config.flat,
             "prefix_length": config.prefix_length, "bottleneck_size": config.bottleneck_size,
@@ -1285,12 +1275,15 @@ def _invertible_tensors(tree: nn.ModuleDict, model: _Model, name: str) -> dict[s
 
 
 def _head_files(registry: AdapterRegistry, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
-    """Return the static head's ``head_config.json`` and weights, or ``None`` for a model without a task head."""
-    head = registry.modules_of(name)["head"]
+    """Return the static head's ``head_config.json`` and weights, or ``None`` for a model without a task head.
+
+    ``name`` is an adapter or a fusion.
+    """
+    head = registry.head_modules(name)
     if not len(head):
         return None
     model = registry.model
-    labels = registry.entries[name].labels
+    labels = registry.head_entry(name).labels
     if labels is None:
         id2label = getattr(model.config, "id2label", None) or {}
         labels = [id2label[i] for i in sorted(id2label)]
@@ -1349,7 +1342,7 @@ def write_adapters(registry: AdapterRegistry, name: str, directory: str | os.Pat
         ValueError: If a part of the adapter has no ``adapters`` equivalent, naming it. Examples are
             convolutional or gated adapters, an adapter before the head and LoRA on the attention
             output. So are (IA)^3 on the input of the feed-forward output projection, a Glow
-            invertible adapter and T5 prefix tuning.
+            invertible adapter and a T5 prefix without ``position_bias="concatenated"``.
     """
     registry.check_names([name])
     directory = Path(directory)
@@ -1398,4 +1391,207 @@ def write_adapters(registry: AdapterRegistry, name: str, directory: str | os.Pat
     text = json.dumps(description, indent=2, sort_keys=True)
     write_atomically(directory / CONFIG_FILE, lambda path: path.write_text(text, encoding="utf-8"))
     logger.info("Wrote adapter %r as an adapters checkpoint to %s", name, directory)
+    return directory
+
+
+# -- AdapterFusion ----------------------------------------------------------------------------------
+
+class AdaptersFusionCheckpoint(NamedTuple):
+    """An ``adapters`` AdapterFusion checkpoint mapped onto adapterkit.
+
+    Attributes:
+        adapter_names: The fused adapters, in order.
+        config: The fusion configuration.
+        weights: The fusion layers' parameters keyed as in the fusion's store entry
+            (``layers.<block>.<sublayer>.query.weight``) and the head's weights (``head.`` keys, the
+            base model's head where the checkpoint has none the model can take).
+        info: ``name``, ``labels``, ``head_keys``, ``model_class``, ``model_name``, ``version`` and
+            ``notes``, as in ``AdaptersCheckpoint``.
+    """
+
+    adapter_names: list[str]
+    config: FusionConfig
+    weights: dict[str, torch.Tensor]
+    info: dict[str, Any]
+
+
+_FUSION_FILE_KEYS = {"adapter_names", "config", "hidden_size", "model_class", "model_name", "model_type", "name",
+                     "version"}
+
+
+def _fusion_parameters(config: FusionConfig) -> list[str]:
+    """Return the parameter names of one fusion layer, which ``adapters``' ``BertFusion`` shares."""
+    names = []
+    if config.query:
+        names += ["query.weight", "query.bias"]
+    if config.key:
+        names += ["key.weight", "key.bias"]
+    if config.value:
+        names.append("value.weight")
+    return names
+
+
+def _check_fusable_in_adapters(registry: AdapterRegistry, names: list[str], action: str) -> None:
+    """Raise ``ValueError`` if ``adapters`` 1.3.0 would fuse adapters ``names`` into other outputs than adapterkit.
+
+    ``adapters`` fuses each adapter's up-projection output before its gate and output layer norm,
+    feeds every adapter the input that the last adapter's config computes, and adds the residual
+    stream once more for parallel adapters. adapterkit fuses what each adapter adds to the residual.
+    The two agree for series adapters without gate or output layer norm that share their input
+    settings.
+    """
+    settings = {}
+    for name in names:
+        for member in registry.entries[name].config.methods:
+            if not isinstance(member, BottleneckConfig):
+                continue
+            flags = {"parallel": member.parallel, "use_gating": member.use_gating, "ln_after": member.ln_after}
+            problems = [f"{flag}=True" for flag, value in flags.items() if value]
+            if problems:
+                raise ValueError(f"Cannot {action} a fusion over adapter {name!r} ({', '.join(problems)}) in the "
+                                 "adapters format: adapters 1.3.0 fuses the adapter's up-projection output before its gate and "
+                                 "output layer norm, and adds the residual stream twice for parallel adapters, so its "
+                                 "outputs differ from adapterkit's. Use the adapterkit format")
+            settings[name] = (member.original_ln_before, member.residual_before_ln, member.mh_adapter,
+                              member.output_adapter, member.cross_adapter)
+    if len(set(settings.values())) > 1:
+        raise ValueError(f"Cannot {action} this fusion in the adapters format: the fused adapters {names} differ in "
+                         "original_ln_before, residual_before_ln, mh_adapter, output_adapter or cross_adapter, which "
+                         "adapters 1.3.0 requires to agree (it feeds every fused adapter the last one's input). "
+                         "Use the adapterkit format")
+
+
+def read_adapters_fusion(registry: AdapterRegistry, directory: str | os.PathLike) -> AdaptersFusionCheckpoint:
+    """Map the ``adapters`` AdapterFusion checkpoint in ``directory`` onto a fusion of this model's adapters.
+
+    The fused adapters must already be on the model under the names the checkpoint lists.
+
+    Raises:
+        FileNotFoundError: If the fusion config or weights file is missing.
+        ValueError: If a fused adapter is missing or fuses differently in ``adapters`` (see
+            ``_check_fusable_in_adapters``), or the weights do not fit the fusion's sites.
+    """
+    directory = Path(directory)
+    config_path = directory / FUSION_CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{FUSION_CONFIG_FILE} not found in {directory}; pass a folder written by adapters' "
+                                "save_adapter_fusion")
+    notes: list[str] = []
+    saved = _read_json(config_path)
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        raise ValueError(f"{config_path} has no 'config' entry, so it is not an adapters fusion checkpoint")
+    name = saved.get("name")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{config_path} names no fusion ('name'), so its weight keys cannot be found")
+    adapter_names = saved.get("adapter_names") or name.split(",")
+    _warn_unknown(saved["config"], {f for f in FusionConfig.__dataclass_fields__}, "AdapterFusion", notes)
+    config = FusionConfig.from_dict(saved["config"], unknown_keys="ignore")
+    model = _Model(registry)
+    _check_model(saved, model, directory)
+    missing = [adapter for adapter in adapter_names if adapter not in registry.entries]
+    if missing:
+        raise ValueError(f"The fusion in {directory} fuses {missing}, which this model does not have; load those "
+                         "adapters first with model.load_adapter")
+    _check_fusable_in_adapters(registry, adapter_names, "read")
+
+    from ..fusion import fusion_sites
+
+    weights = _Weights(_load_state(directory, *FUSION_WEIGHTS_FILES), model)
+    values = {}
+    for index, sublayer in fusion_sites(registry, Fuse(*adapter_names)):
+        prefix = f"{model.bottleneck_path(index, sublayer)}.adapter_fusion_layer.{name}."
+        for parameter in _fusion_parameters(config):
+            if not weights.has(prefix + parameter):
+                raise ValueError(f"The checkpoint lacks {prefix + parameter}, which the fusion layer at the {sublayer} "
+                                 f"sublayer of block {index} needs")
+            values[f"layers.{index}.{sublayer}.{parameter}"] = weights.take(prefix + parameter)
+    unused = weights.unused()
+    idle = [key for key in unused if f".adapter_fusion_layer.{name}." in key]
+    if idle:
+        # adapters creates a fusion layer wherever the fused adapters' placement allows one, even where they
+        # have no module, and a 'dense' layer when query, key and value are all off. Neither ever runs.
+        message = (f"Ignoring {len(idle)} fusion tensors ({idle[0]}, ...) at sites where no fused adapter has a module "
+                   "or that the fusion never uses")
+        logger.info(message)
+        notes.append(message)
+    other = sorted(set(unused) - set(idle))
+    if other:
+        raise ValueError(f"The fusion checkpoint has weights that belong to no fusion layer {name!r}: "
+                         f"{other[:5]}{' ...' if len(other) > 5 else ''}")
+
+    head, labels, head_keys = _head(registry, directory, notes)
+    values.update(head)
+    info = {"name": name, "labels": labels, "head_keys": head_keys, "model_class": saved.get("model_class"),
+            "model_name": saved.get("model_name"), "version": saved.get("version"), "notes": notes}
+    return AdaptersFusionCheckpoint(list(adapter_names), config, values, info)
+
+
+def write_adapters_fusion(registry: AdapterRegistry, name: str, directory: str | os.PathLike, *,
+                          safetensors: bool = False) -> Path:
+    """Write fusion ``name`` as an ``adapters`` checkpoint that ``adapters`` 1.3.0 loads with ``load_adapter_fusion``.
+
+    The folder gets ``adapter_fusion_config.json``, the fusion layers' weights and, for a model
+    with a task head, the fusion's head as a static head. Write the fused adapters with
+    ``write_adapters`` into their own folders.
+
+    Args:
+        registry: The adapter registry of the model.
+        name: The fusion to write.
+        directory: The target folder, created if missing.
+        safetensors: Write ``model_adapter_fusion.safetensors`` instead of ``pytorch_model_adapter_fusion.bin``.
+
+    Returns:
+        The folder.
+
+    Raises:
+        ValueError: If the fusion has a ``Stack`` child, which ``adapters`` computes differently, or
+            its adapters fuse differently there (see ``_check_fusable_in_adapters``).
+    """
+    from ..fusion import fusion_key
+
+    entry = registry.fusions[name]
+    children = list(entry.block.children)
+    if not all(isinstance(child, str) for child in children):
+        raise ValueError(f"The fusion {name!r} fuses {entry.block!r}; the adapters format stores fusions of single "
+                         "adapters only, because adapters 1.3.0 takes only the last adapter's up-projection from a "
+                         "Stack inside a Fuse. Save it in the adapterkit format")
+    _check_fusable_in_adapters(registry, children, "write")
+    directory = Path(directory)
+    model = _Model(registry)
+    tensors = {}
+    for index, places in registry.store[fusion_key(name)]["layers"].items():
+        for sublayer, layer in places.items():
+            prefix = f"{model.bottleneck_path(int(index), sublayer)}.adapter_fusion_layer.{name}."
+            for parameter, value in layer.named_parameters():
+                tensors[model.absolute(prefix + parameter)] = value
+    if entry.config.temperature:
+        logger.warning("The adapters format has no place for the annealed temperature of fusion %r; adapters "
+                       "starts it at 50 again when it loads the folder", name)
+
+    description = {
+        "adapter_names": children,
+        "config": entry.config.to_dict(),
+        "hidden_size": model.layout.hidden_size,
+        "model_class": type(registry.model).__name__,
+        "model_name": getattr(registry.model.config, "_name_or_path", None) or None,
+        "model_type": model.family,
+        "name": name,
+        "version": WRITTEN_VERSION,
+    }
+    bin_name, safe_name = FUSION_WEIGHTS_FILES
+    weights_files = (safe_name, bin_name) if safetensors else (bin_name, safe_name)
+    _save_tensors(tensors, directory / weights_files[0], safetensors)
+    (directory / weights_files[1]).unlink(missing_ok=True)
+    head = _head_files(registry, name)
+    if head is not None:
+        head_description, head_tensors = head
+        head_files = (SAFE_HEAD_WEIGHTS_FILE, HEAD_WEIGHTS_FILE) if safetensors else (HEAD_WEIGHTS_FILE,
+                                                                                     SAFE_HEAD_WEIGHTS_FILE)
+        _save_tensors(head_tensors, directory / head_files[0], safetensors)
+        (directory / head_files[1]).unlink(missing_ok=True)
+        text = json.dumps(head_description, indent=2, sort_keys=True)
+        write_atomically(directory / HEAD_CONFIG_FILE, lambda path: path.write_text(text, encoding="utf-8"))
+    text = json.dumps(description, indent=2, sort_keys=True)
+    write_atomically(directory / FUSION_CONFIG_FILE, lambda path: path.write_text(text, encoding="utf-8"))
+    logger.info("Wrote fusion %r as an adapters checkpoint to %s", name, directory)
     return directory
