@@ -2,6 +2,7 @@
 
 The functions here read tables from files or the offline samples, extract a text and a
 label column, map label values to class ids and split the data into train and test sets.
+For multi-task training they also read each task's data and choose the task of each step.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import datasets
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import torch
 
 from adapterkit.samples import SAMPLE_NAMES, load_sample
 
@@ -657,3 +659,125 @@ def split_train_test(
         [texts[row] for row in test],
         [labels[row] for row in test],
     )
+
+
+# ---------------------------------------------------------------------------
+# Multi-task data and sampling
+# ---------------------------------------------------------------------------
+
+SAMPLING_STRATEGIES = ("round_robin", "proportional")
+
+
+def task_texts_and_labels(
+    task: str,
+    data: Any,
+    *,
+    text_column: str = "text",
+    label_column: str = "label",
+    data_description: str = "training data",
+) -> tuple[list[str], list[int | str]]:
+    """Extract the texts and labels of one task of a multi-task ``fit``.
+
+    ``data`` is a ``(texts, labels)`` pair, or a :class:`datasets.Dataset` or
+    :class:`pandas.DataFrame` with a label column. A 2-tuple whose first item is not a
+    string is read as a pair. Any other list or tuple is texts without labels, which
+    raises.
+
+    Args:
+        task: The adapter name of the task, used in error messages.
+        data: The task's data.
+        text_column: Name of the text column in a table.
+        label_column: Name of the label column in a table.
+        data_description: What ``data`` is, such as "training data", used in error messages.
+
+    Returns:
+        The texts and the labels.
+
+    Raises:
+        TypeError, ValueError: As :func:`texts_and_labels` raises them, with the task
+            named in the message.
+    """
+    labels = None
+    if isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], str):
+        data, labels = data
+    elif isinstance(data, (list, tuple)):
+        raise ValueError(
+            f"The {data_description} of task {task!r} is a list of texts without labels. "
+            "Pass a (texts, labels) pair, or a Dataset or DataFrame with a label column."
+        )
+    try:
+        texts, found_labels = texts_and_labels(
+            data, labels, text_column=text_column, label_column=label_column, require_labels=True
+        )
+    except (TypeError, ValueError) as exc:
+        hint = " Pass a (texts, labels) pair, a Dataset or a DataFrame." if isinstance(exc, TypeError) else ""
+        raise type(exc)(f"The {data_description} of task {task!r} is invalid: {exc}{hint}") from exc
+    return texts, found_labels
+
+
+def task_schedule(
+    batch_counts: Mapping[str, int],
+    strategy: str,
+    *,
+    dataset_sizes: Mapping[str, int] | None = None,
+    generator: torch.Generator | None = None,
+) -> list[str]:
+    """Return the task of each training step of one multi-task epoch.
+
+    The epoch has ``sum(batch_counts.values())`` steps under both strategies.
+
+    ``"round_robin"``: the tasks take turns, one batch each, in the order of
+    ``batch_counts``. A task whose batches have run out leaves the rotation, so every
+    task gets exactly its ``batch_counts`` steps, and at the end of the epoch the
+    longest task runs alone. For counts ``{"a": 3, "b": 1, "c": 2}`` the order is
+    ``a b c a c a``.
+
+    ``"proportional"``: every step draws its task independently, with replacement, with
+    probability ``dataset_sizes[task] / sum(dataset_sizes.values())``. A task therefore
+    gets its batch count only on average, and can get more or fewer steps.
+
+    Args:
+        batch_counts: The number of batches in one pass over each task's data.
+        strategy: ``"round_robin"`` or ``"proportional"``.
+        dataset_sizes: The weight of each task under ``"proportional"``, usually its
+            number of training examples. Defaults to ``batch_counts``.
+        generator: The random generator of ``"proportional"``; torch's global generator
+            when None. ``"round_robin"`` draws nothing.
+
+    Returns:
+        One task name per step.
+
+    Raises:
+        ValueError: If ``strategy`` is unknown, ``batch_counts`` is empty or has a count
+            below 1, or ``dataset_sizes`` names other tasks or has a size below 1.
+    """
+    if strategy not in SAMPLING_STRATEGIES:
+        raise ValueError(
+            f"Unknown sampling strategy {strategy!r}. Use one of: {', '.join(map(repr, SAMPLING_STRATEGIES))}."
+        )
+    if not batch_counts:
+        raise ValueError("batch_counts is empty. Pass the number of batches of at least one task.")
+    invalid = {task: count for task, count in batch_counts.items() if not isinstance(count, int) or count < 1}
+    if invalid:
+        raise ValueError(f"Invalid batch counts {invalid}. Each task needs an integer count >= 1.")
+    tasks = list(batch_counts)
+
+    if strategy == "round_robin":
+        schedule = []
+        for turn in range(max(batch_counts.values())):
+            schedule.extend(task for task in tasks if turn < batch_counts[task])
+        return schedule
+
+    sizes = batch_counts if dataset_sizes is None else dataset_sizes
+    if set(sizes) != set(tasks):
+        raise ValueError(
+            f"dataset_sizes names the tasks {sorted(sizes)}, but batch_counts names {sorted(tasks)}. "
+            "Pass one size per task."
+        )
+    invalid = {task: size for task, size in sizes.items() if not isinstance(size, int) or size < 1}
+    if invalid:
+        raise ValueError(f"Invalid dataset sizes {invalid}. Each task needs an integer size >= 1.")
+    weights = torch.tensor([float(sizes[task]) for task in tasks], dtype=torch.float64)
+    steps = sum(batch_counts.values())
+    drawn = torch.multinomial(weights, steps, replacement=True, generator=generator)
+    return [tasks[index] for index in drawn.tolist()]
