@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import adapterkit
 from adapterkit.architectures import ARCHITECTURES
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "architectures.md"

@@ -21,7 +21,6 @@ import re
 import pytest
 import torch
 import transformers
-from adapter_helpers import randomize_parameters
 
 import adapterkit
 from adapterkit import BottleneckConfig, ConfigUnion, IA3Config, LoRAConfig, PrefixTuningConfig

@@ -30,11 +30,11 @@ import torch
 from torch import nn
 
 from .architectures import InputRef, LinearRef, SublayerSpec, get_submodule
-from .composition import plan_pairs, run_plan, select_rows
+from .composition import FusePlan, Select, plan_pairs, run_plan
 from .config import BottleneckConfig, IA3Config, LoRAConfig, MethodConfig
 from .methods.prompt import (encoder_and_decoder, extend_cross_attention_mask, extend_inputs, has_token_labels,
                              input_embeddings, prompt_target)
-from .prefix_attention import set_prefix_source
+from .prefix_attention import PrefixPair, set_prefix_source
 
 # A site key, e.g. ("sublayer", 3, "feed_forward"), and the (config, module) pairs that run there.
 SiteKey = tuple
@@ -234,17 +234,25 @@ class SublayerSite(Site):
             mask = token_mask(getattr(self._captured, "attention_mask", None), hidden.shape[1], self.causal)
             cache = getattr(self._captured, "cache", None)
 
-        def apply(pairs: list, rows_hidden: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-            rows_residual, rows_mask = select_rows(residual_stream, rows), select_rows(mask, rows)
+        def apply(pairs: list, part_hidden: torch.Tensor, select: Select) -> torch.Tensor:
+            part_residual, part_mask = select(residual_stream), select(mask)
             for config, adapter in pairs:
                 # NOTE: a convolution state kept across generation steps assumes the same rows reach
                 # this adapter at every step, which beam reordering under row routing breaks.
                 state = conv_state_for(cache, adapter) if config.projection == "conv" else None
-                rows_hidden = apply_bottleneck(config, adapter, rows_hidden, rows_residual, self.layer_norm,
-                                               rows_mask, state)
-            return rows_hidden
+                part_hidden = apply_bottleneck(config, adapter, part_hidden, part_residual, self.layer_norm,
+                                               part_mask, state)
+            return part_hidden
 
-        return replace_first_tensor(output, run_plan(plan, hidden, apply))
+        def fusion_inputs(fusion: FusePlan, part_hidden: torch.Tensor, select: Select) -> tuple[torch.Tensor,
+                                                                                                  torch.Tensor]:
+            config = fusion.last[0]
+            adapter_input, residual = bottleneck_inputs(config, part_hidden, select(residual_stream), self.layer_norm)
+            # adapters 1.3.0 reads the query before the block's layer norm only for series adapters.
+            query = part_hidden if fusion.layer.config.query_before_ln and not config.parallel else adapter_input
+            return query, residual
+
+        return replace_first_tensor(output, run_plan(plan, hidden, apply, fusion_inputs=fusion_inputs))
 
 
 def apply_bottleneck(config: BottleneckConfig, adapter: nn.Module, sublayer_output: torch.Tensor,
@@ -264,16 +272,28 @@ def apply_bottleneck(config: BottleneckConfig, adapter: nn.Module, sublayer_outp
         mask: ``(batch, seq_len)`` bool, True for real tokens, for convolutional projections.
         state: Convolution state carried between generation steps, or None.
     """
-    if config.parallel:
-        return adapter(residual_stream, sublayer_output, mask=mask, state=state)
+    adapter_input, residual = bottleneck_inputs(config, sublayer_output, residual_stream, layer_norm)
+    return adapter(adapter_input, residual, mask=mask, state=state)
 
+
+def bottleneck_inputs(config: BottleneckConfig, sublayer_output: torch.Tensor, residual_stream: torch.Tensor | None,
+                      layer_norm: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(adapter input, residual)`` of a bottleneck adapter: what it reads and what it adds to.
+
+    A parallel adapter reads the residual stream and adds to the sublayer output. A series adapter
+    reads the sublayer output, or with ``original_ln_before`` the block's norm of output plus
+    residual stream, and adds to the sublayer output (``residual_before_ln``) or to its own input.
+    All tensors are ``(batch, seq_len, hidden)``; see ``apply_bottleneck`` for the arguments.
+    """
+    if config.parallel:
+        return residual_stream, sublayer_output
     adapter_input = sublayer_output
     if config.original_ln_before:
         adapter_input = adapter_input + residual_stream
         if layer_norm is not None:
             adapter_input = layer_norm(adapter_input)
     residual = sublayer_output if config.residual_before_ln else adapter_input
-    return adapter(adapter_input, residual, mask=mask, state=state)
+    return adapter_input, residual
 
 
 class LinearSite(Site):
@@ -311,7 +331,7 @@ class LinearSite(Site):
         if not any(self._scales_input(config) for config, _ in plan_pairs(plan)):
             return None
 
-        def apply(pairs: list, hidden: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        def apply(pairs: list, hidden: torch.Tensor, select: Select) -> torch.Tensor:
             for config, vector in pairs:
                 if self._scales_input(config):
                     hidden = vector(hidden)
@@ -332,14 +352,14 @@ class LinearSite(Site):
         whole = parts == 1
         piece = output if whole else output[..., start:start + width]
 
-        def apply(pairs: list, rows_piece: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-            rows_input = select_rows(args[0], rows)
+        def apply(pairs: list, part_piece: torch.Tensor, select: Select) -> torch.Tensor:
+            part_input = select(args[0])
             for config, adapter in pairs:
                 if isinstance(config, LoRAConfig):
-                    rows_piece = rows_piece + adapter(rows_input)
+                    part_piece = part_piece + adapter(part_input)
                 elif isinstance(config, IA3Config) and not self._scales_input(config):
-                    rows_piece = adapter(rows_piece)
-            return rows_piece
+                    part_piece = adapter(part_piece)
+            return part_piece
 
         piece = run_plan(plan, piece, apply)
         if whole:
@@ -393,14 +413,14 @@ class PrefixSite(Site):
         mask = token_mask(getattr(self._captured, "attention_mask", None), hidden_states.shape[1], causal=False)
         return prefix.gate_value(row, hidden_states, attention_mask=mask)
 
-    def __call__(self, module: nn.Module, query: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def __call__(self, module: nn.Module, query: torch.Tensor) -> list[PrefixPair]:
         prefixes = []
-        for _, (prefix, row) in self.lookup(self.key):
+        for config, (prefix, row) in self.lookup(self.key):
             keys, values = prefix.layer_prefix(row)
             keys, values = keys.unsqueeze(0).to(query.dtype), values.unsqueeze(0).to(query.dtype)
             if prefix.use_gating:
                 values = values * self._gate(prefix, row).to(query.dtype)
-            prefixes.append((keys, values))
+            prefixes.append(PrefixPair(keys, values, config.position_bias))
         return prefixes
 
 

@@ -16,10 +16,10 @@ from typing import Any
 
 from torch import nn
 
-from . import io, merge
+from . import fusion, io, merge
 from .architectures import ArchitectureSpec, find_architecture
-from .composition import Block, parallel_branches
-from .config import MethodConfig, resolve_config
+from .composition import Block, Fuse, parallel_branches
+from .config import FusionConfig, MethodConfig, resolve_config
 from .registry import AdapterRegistry
 
 logger = logging.getLogger(__name__)
@@ -86,15 +86,86 @@ class AdapterModelMixin:
     def set_active_adapters(self, names: str | Sequence[str] | Block | None) -> None:
         """Run adapters ``names`` in every forward, in order; ``None`` or ``[]`` runs the bare model.
 
-        ``names`` may also be a composition block such as ``Average("a", "b")`` or
-        ``Parallel("a", "b")``; see ``adapterkit.composition``. A list of names is a ``Stack``.
+        ``names`` may also be a composition block such as ``Average("a", "b")``, ``Fuse("a", "b")``
+        or ``Parallel("a", "b")``; see ``adapterkit.composition``. A list of names is a ``Stack``.
 
         Raises:
-            ValueError: If an adapter is unknown or the block nests blocks it cannot contain.
-            NotImplementedError: For ``Fuse`` and ``Split``, and for prefix tuning, prompt tuning,
-                invertible and before-head adapters inside a block other than ``Stack``.
+            ValueError: If an adapter is unknown, the block nests blocks it cannot contain, or a
+                ``Fuse`` names no fusion added with ``add_adapter_fusion``.
+            NotImplementedError: For prefix tuning, prompt tuning, invertible and before-head
+                adapters inside a block other than ``Stack``.
         """
         self._adapterkit.set_active(names if isinstance(names, Block) else _as_names(names))
+
+    # -- AdapterFusion -------------------------------------------------------------------------------
+
+    def add_adapter_fusion(self, fuse: Fuse | Sequence[str | Block] | str,
+                           config: FusionConfig | str | dict | None = "dynamic", name: str | None = None, *,
+                           set_active: bool = False) -> str:
+        """Add frozen AdapterFusion layers over the adapters of ``fuse`` and return the fusion's name.
+
+        Args:
+            fuse: ``Fuse("a", "b")``, a list of adapter names (or ``Stack`` blocks), or ``"a,b"``.
+                Every adapter must be a bottleneck adapter already on the model.
+            config: A ``FusionConfig``, a preset (``"dynamic"``, ``"static"``) or its dict.
+            name: The fusion's name; by default ``fuse.name`` (``"a,b"``).
+            set_active: Activate the fusion.
+
+        Raises:
+            ValueError: If the name is taken, an adapter is unknown or not a bottleneck adapter, or
+                the block nests blocks that ``Fuse`` cannot contain.
+        """
+        added = fusion.add_fusion(self._adapterkit, fuse, config, name)
+        if set_active:
+            self.set_active_adapters(self._adapterkit.fusions[added].block)
+        return added
+
+    def train_adapter_fusion(self, fuse: Block | Sequence[str | Block] | str, *,
+                             unfreeze_adapters: bool = False) -> None:
+        """Freeze the whole model, unfreeze the fusion layers and the fusion's head, and activate ``fuse``.
+
+        Args:
+            fuse: A ``Fuse``, a block that contains fusions (``Stack(Fuse("a", "b"), "c")``), or the
+                adapter names of a ``Fuse``. Every fusion in it is trained.
+            unfreeze_adapters: Also train the fused adapters (not their heads).
+        """
+        fusion.train_fusion(self._adapterkit, fuse, unfreeze_adapters)
+
+    def delete_adapter_fusion(self, fuse: Fuse | Sequence[str | Block] | str) -> None:
+        """Remove a fusion (given as its ``Fuse``, name or adapter names) with its layers and head."""
+        fusion.delete_fusion(self._adapterkit, fuse)
+
+    @property
+    def adapter_fusions(self) -> dict[str, Fuse]:
+        """Every fusion on the model: its name and its ``Fuse`` block."""
+        return {name: entry.block for name, entry in self._adapterkit.fusions.items()}
+
+    def save_adapter_fusion(self, directory: str | os.PathLike, fuse: Fuse | Sequence[str | Block] | str,
+                            format: str = "adapterkit") -> Path:
+        """Write a fusion's layers, head and labels to ``directory``, without the fused adapters.
+
+        Args:
+            directory: The folder to write.
+            fuse: The fusion, as its ``Fuse``, name or adapter names.
+            format: ``"adapterkit"`` (safetensors and JSON) or ``"adapters"`` (AdapterHub
+                ``adapters``: ``adapter_fusion_config.json``, ``pytorch_model_adapter_fusion.bin`` and
+                the head's files), for fusions of plain adapter names.
+        """
+        return fusion.save_fusion_as(self._adapterkit, directory, fuse, format)
+
+    def load_adapter_fusion(self, directory: str | os.PathLike, load_as: str | None = None, *,
+                            set_active: bool = True) -> str:
+        """Load a fusion, frozen, and return its name. The fused adapters must be loaded first.
+
+        Args:
+            directory: A folder written by ``save_adapter_fusion`` or by ``adapters``' ``save_adapter_fusion``.
+            load_as: Name to give the fusion; the saved name by default.
+            set_active: Activate the fusion, so that the next forward uses it.
+        """
+        name = fusion.load_fusion(self._adapterkit, directory, load_as)
+        if set_active:
+            self.set_active_adapters(self._adapterkit.fusions[name].block)
+        return name
 
     @property
     def active_block(self) -> Block | None:
@@ -159,16 +230,21 @@ class AdapterModelMixin:
     # -- merging -------------------------------------------------------------------------------
 
     def merge_adapter(self, name: str) -> None:
-        """Merge LoRA or (IA)^3 adapter ``name`` into the base weights, so it costs nothing at inference.
+        """Merge adapter ``name`` into the base weights, so it costs no hooks at inference.
+
+        LoRA and (IA)^3 change the projections they adapt. A parallel bottleneck adapter with
+        ``non_linearity="identity"`` on the feed-forward sublayer of a post-norm model (BERT, BART and
+        the like) adds ``2 * bottleneck width`` units to every feed-forward layer of its stack and
+        updates the config's width field (see ``adapterkit.merge``).
 
         The merged adapter acts whether or not it is active, before every unmerged adapter, until
-        ``unmerge_adapter``. Merging a merged adapter changes nothing. An (IA)^3 vector on ``ff_out``
-        scales that projection's input, so it also scales every LoRA there, in any order.
+        ``unmerge_adapter``. Merging a merged adapter changes nothing. An (IA)^3 vector on the input of
+        ``ff_out`` scales that projection's input, so it also scales every LoRA there, in any order.
 
         Raises:
-            ValueError: If the adapter has methods that cannot be merged (bottleneck adapters,
-                prefixes, gated LoRA), an (IA)^3 vector has a zero entry, or an active adapter at a
-                shared projection does not commute with it.
+            ValueError: If the adapter has methods that cannot be merged (series bottleneck adapters,
+                prefixes, gated LoRA, parallel adapters on pre-norm models), an (IA)^3 vector has a
+                zero entry, or an active adapter at a shared projection does not commute with it.
         """
         merge.merge(self._adapterkit, name)
 
@@ -241,19 +317,30 @@ class AdapterModelMixin:
     # -- training and inference ------------------------------------------------------------------
 
     def fit(self, train_data: Any, labels: Sequence[Any] | None = None, **kwargs: Any):
-        """Train the trainable adapters; see ``adapterkit.training.trainer.fit`` for the arguments."""
+        """Train the trainable adapters; see ``adapterkit.training.trainer.fit`` for the arguments.
+
+        ``train_data`` may be a dict from adapter name to that task's data, which trains each
+        adapter with its own head (multi-task training, ``sampling="round_robin"`` or
+        ``"proportional"``).
+        """
         from .training.trainer import fit
 
         return fit(self, train_data, labels, **kwargs)
 
     def evaluate(self, data: Any, labels: Sequence[Any] | None = None, **kwargs: Any) -> dict[str, Any]:
-        """Return accuracy, macro precision, recall and F1, and the confusion matrix on ``data``."""
+        """Return accuracy, macro precision, recall and F1, and the confusion matrix on ``data``.
+
+        ``adapter="name"`` scores with only that adapter and its head active.
+        """
         from .training.trainer import evaluate
 
         return evaluate(self, data, labels, **kwargs)
 
     def predict(self, texts: Any, **kwargs: Any):
-        """Return the predicted label and class probabilities for each text."""
+        """Return the predicted label and class probabilities for each text.
+
+        ``adapter="name"`` predicts with only that adapter and its head active.
+        """
         from .training.trainer import predict
 
         return predict(self, texts, **kwargs)
