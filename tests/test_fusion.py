@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from adapter_helpers import randomize_parameters
+from adapter_helpers import randomize_parameters, word_tokenizer
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
 import adapterkit
 from adapterkit import Average, BatchSplit, BottleneckConfig, Fuse, Parallel, Split, Stack
@@ -585,17 +584,9 @@ def test_fusion_under_checkpointing(tiny_model, tiny_inputs, no_dropout, family,
         torch.testing.assert_close(checkpointed[name], gradient, atol=TOLERANCE, rtol=0, msg=name)
 
 
-def word_tokenizer():
-    """A whitespace word-level tokenizer over a few words that adds [CLS] and [SEP], built offline."""
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "good", "bad", "movie", "film", "plot", "very"]
-    vocabulary = {word: index for index, word in enumerate(words)}
-    backend = Tokenizer(models.WordLevel(vocabulary, unk_token="[UNK]"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocabulary["[CLS]"]), ("[SEP]", vocabulary["[SEP]"])])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
-                                                cls_token="[CLS]", sep_token="[SEP]")
+def fusion_tokenizer():
+    """A word-level tokenizer over a few words, see ``adapter_helpers.word_tokenizer``."""
+    return word_tokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "good", "bad", "movie", "film", "plot", "very"])
 
 
 def test_fit_trains_fusion(tiny_model, no_dropout):
@@ -606,7 +597,7 @@ def test_fit_trains_fusion(tiny_model, no_dropout):
     texts = ["good movie", "bad film", "very good plot", "bad plot", "good film", "very bad movie"]
     labels = ["pos", "neg", "pos", "neg", "pos", "neg"]
 
-    model.fit(texts, labels, tokenizer=word_tokenizer(), epochs=2, batch_size=2, learning_rate=1e-2, progress=False)
+    model.fit(texts, labels, tokenizer=fusion_tokenizer(), epochs=2, batch_size=2, learning_rate=1e-2, progress=False)
 
     # Resizing the head to two labels creates new head parameters, which count as changed.
     changed = {id(p) for p in model.parameters() if id(p) not in before or not torch.equal(p.detach(), before[id(p)])}

@@ -10,8 +10,7 @@ import random
 import datasets
 import pytest
 import torch
-import transformers
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from adapter_helpers import count_forward_calls, word_tokenizer
 
 import adapterkit
 from adapterkit.training.data import task_schedule
@@ -57,15 +56,8 @@ def topic_data(count, seed):
 
 @pytest.fixture
 def tokenizer():
-    """A lowercasing whitespace word-level tokenizer over VOCABULARY that adds [CLS] and [SEP], built offline."""
-    vocabulary = {word: index for index, word in enumerate(VOCABULARY)}
-    backend = Tokenizer(models.WordLevel(vocabulary, unk_token="[UNK]"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocabulary["[CLS]"]), ("[SEP]", vocabulary["[SEP]"])])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
-                                                cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    """The word-level tokenizer over VOCABULARY."""
+    return word_tokenizer(VOCABULARY)
 
 
 def build_model(tiny_model, **changes):
@@ -101,13 +93,6 @@ def record_training_steps(model):
     return steps, model.register_forward_pre_hook(record, with_kwargs=True)
 
 
-def count_forward_calls(model):
-    calls = [0]
-
-    def count(module, args, kwargs):
-        calls[0] += 1
-
-    return calls, model.register_forward_pre_hook(count, with_kwargs=True)
 
 
 def task_state(model, name):

@@ -4,8 +4,7 @@ import random
 
 import pytest
 import torch
-import transformers
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from adapter_helpers import count_forward_calls, word_tokenizer
 
 import adapterkit
 from adapterkit.training.trainer import CHECKPOINT_FILE
@@ -33,18 +32,8 @@ def make_texts(count, seed, labels=("good", "bad")):
 
 @pytest.fixture
 def tokenizer():
-    """A lowercasing whitespace word-level tokenizer over VOCABULARY that adds [CLS] and [SEP], built offline.
-
-    Built from a ``tokenizers`` backend because ``BertTokenizer(vocab=dict)`` works only on transformers 5.
-    """
-    vocabulary = {word: index for index, word in enumerate(VOCABULARY)}
-    backend = Tokenizer(models.WordLevel(vocabulary, unk_token="[UNK]"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocabulary["[CLS]"]), ("[SEP]", vocabulary["[SEP]"])])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
-                                                cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    """The word-level tokenizer over VOCABULARY."""
+    return word_tokenizer(VOCABULARY)
 
 
 @pytest.fixture
@@ -64,14 +53,6 @@ def model(tiny_model):
 FIT_OPTIONS = dict(batch_size=4, learning_rate=2e-2, progress=False)
 
 
-def count_forward_calls(model):
-    """Register a hook that counts calls of ``model``'s forward in ``calls[0]``, and return ``calls`` and the handle."""
-    calls = [0]
-
-    def count(module, args, kwargs):
-        calls[0] += 1
-
-    return calls, model.register_forward_pre_hook(count, with_kwargs=True)
 
 
 # -- learning ---------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..heads import count_labels
 from ..io import write_atomically
+from .frozen_cache import FrozenLayerCache, check_cacheable
 from .data import SAMPLING_STRATEGIES, LabelMap, task_schedule, task_texts_and_labels, texts_and_labels
 from .metrics import classification_metrics
 
@@ -279,6 +280,7 @@ def fit(
     replace_head: bool = False,
     checkpoint_dir: str | os.PathLike | None = None,
     sampling: str = "round_robin",
+    cache_frozen_layers: bool = False,
     progress: bool = True,
 ) -> History:
     """Train the model's trainable adapters (set by ``train_adapter``) for text classification.
@@ -334,6 +336,12 @@ def fit(
             same folder and data resumes after the last finished epoch.
         sampling: ``"round_robin"`` or ``"proportional"``, the task order of multi-task training;
             ignored with one dataset.
+        cache_frozen_layers: When every adapter sits at or above block ``k`` (``leave_out`` covers
+            the blocks below), run blocks ``0 .. k-1`` once per example before the first epoch,
+            keep their outputs (in a temporary memory-mapped file when they exceed 2 GiB) and
+            train from block ``k`` on. The cached blocks run without dropout, so the result equals
+            an uncached run whose base model has dropout off. Single-task training of
+            encoder-only and decoder-only models.
         progress: Show a progress bar per epoch.
 
     Returns:
@@ -345,6 +353,9 @@ def fit(
     """
     _check_fit_arguments(epochs, batch_size, learning_rate, patience, max_length, sampling)
     if isinstance(train_data, Mapping):
+        if cache_frozen_layers:
+            raise ValueError("cache_frozen_layers=True supports one task per fit; train the tasks without it, "
+                             "or one task at a time")
         return _fit_multitask(
             model, train_data, labels, validation_data=validation_data, validation_labels=validation_labels,
             epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay,
@@ -357,6 +368,8 @@ def fit(
     if head_owner is None:
         raise ValueError("No adapter or fusion is set to train; call model.train_adapter(name) or "
                          "model.train_adapter_fusion(Fuse(...)) before fit")
+    if cache_frozen_layers:
+        check_cacheable(model)
     texts, raw_labels = texts_and_labels(train_data, labels, text_column=text_column, label_column=label_column,
                                          require_labels=True)
     validation = None
@@ -397,6 +410,11 @@ def fit(
     generator = torch.Generator().manual_seed(seed)
     for _ in range(1, start_epoch):
         torch.randperm(len(texts), generator=generator)  # replay the shuffles of finished epochs
+    cache = None
+    if cache_frozen_layers and start_epoch <= epochs:
+        cache = FrozenLayerCache(model, encoded, lambda indices: _collate(tokenizer, encoded, indices, device),
+                                 batch_size * 2)
+        cache.check_first_batch()
     try:
         for epoch in range(start_epoch, epochs + 1):
             if epochs_without_improvement >= (patience or math.inf):
@@ -412,7 +430,11 @@ def fit(
                 indices = batches[batch_index]
                 inputs = _collate(tokenizer, encoded, indices, device)
                 targets = torch.tensor([label_ids[i] for i in indices], device=device)
-                logits = model(**inputs).logits
+                if cache is None:
+                    logits = model(**inputs).logits
+                else:
+                    with cache.starting_at_cached_block(indices, inputs["attention_mask"]):
+                        logits = model(**inputs).logits
                 loss = nn.functional.cross_entropy(logits.float(), targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -454,6 +476,8 @@ def fit(
             _load_trainable_state(model, best_state)
     finally:
         model.train(was_training)
+        if cache is not None:
+            cache.close()
     registry.head_entry(head_owner).head_trained = True
     return history
 
