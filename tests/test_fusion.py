@@ -610,6 +610,26 @@ def test_fit_trains_fusion(tiny_model, no_dropout):
     assert model._adapterkit.entries["a"].labels is None
 
 
+def test_fit_trains_fusion_under_stack(tiny_model, no_dropout):
+    """Stack(Fuse(a, b), c) uses c's head: fit trains the fusion layers and that head, not c's adapter."""
+    model = fused_model(tiny_model, "bert", ("a", "b", "c"), **no_dropout("bert"))
+    model.add_adapter_fusion(Fuse("a", "b"))
+    model.train_adapter_fusion(Stack(Fuse("a", "b"), "c"))
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    texts = ["good movie", "bad film", "very good plot", "bad plot", "good film", "very bad movie"]
+    labels = ["pos", "neg", "pos", "neg", "pos", "neg"]
+
+    model.fit(texts, labels, tokenizer=fusion_tokenizer(), epochs=2, batch_size=2, learning_rate=1e-2, progress=False)
+
+    changed = {id(p) for p in model.parameters() if id(p) not in before or not torch.equal(p.detach(), before[id(p)])}
+    fusion_layers = {id(p) for name, p in model.adapterkit["fusion_a,b"].named_parameters()
+                     if not name.startswith("head.")}
+    c_head = {id(p) for p in model._adapterkit.head_modules("c").parameters()}
+    assert fusion_layers <= changed
+    assert changed == fusion_layers | c_head
+    assert model._adapterkit.entries["c"].labels == ["neg", "pos"]
+
+
 # -- saving and loading -------------------------------------------------------------------------------
 
 def saved_pair(tiny_model, tmp_path, adapter_format, fusion_format, family="bert"):

@@ -42,7 +42,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from . import __version__
-from .composition import Block, Fuse, block_from_dict, block_to_dict, find_fusions, leaf_names, validate
+from .composition import (Block, Fuse, block_from_dict, block_to_dict, find_fusions, head_owner, leaf_names,
+                          validate)
 from .config import BottleneckConfig, FusionConfig, resolve_fusion_config
 from .io import _model_description, check_compatible, write_checkpoint
 
@@ -385,6 +386,9 @@ def train_fusion(registry: AdapterRegistry, block: Block | Sequence[str | Block]
             for name in dict.fromkeys(leaf_names(fuse)):
                 registry.modules_of(name)["methods"].requires_grad_(True)
     registry.set_active(block)
+    # The head that serves the block trains with the fusions, also when it belongs to an adapter
+    # stacked after them, as in Stack(Fuse("a", "b"), "c").
+    registry.head_modules(head_owner(block)).requires_grad_(True)
 
 
 def trainable_fusions(registry: AdapterRegistry) -> list[str]:

@@ -601,6 +601,10 @@ class AdapterRegistry:
         """
         if self.head_owner in self.fusions and self.head_owner in trainable_fusions(self):
             return self.head_owner
+        fused = self.active_block is not None and bool(find_fusions(self.active_block))
+        if fused and self.head_owner is not None:
+            if any(p.requires_grad for p in self.head_modules(self.head_owner).parameters()):
+                return self.head_owner
         trainable = [name for name in self.active if name in self.trainable_names()]
         return trainable[-1] if trainable else None
 
