@@ -371,8 +371,10 @@ def _bart_stack(stack: str) -> StackSpec:
 
 
 def _bart(config: Any) -> ArchitectureSpec:
+    # Both stacks number positions from their cache length on (the decoder's is shifted through its
+    # embed_positions module, see injection.PositionShiftSite).
     return ArchitectureSpec(stacks=(_bart_stack("encoder"), _bart_stack("decoder")),
-                            embeddings="encoder.layernorm_embedding", final="decoder")
+                            embeddings="encoder.layernorm_embedding", final="decoder", position_ids="arange")
 
 
 # A family maps to a spec, or to a function of the model config that returns one, for families whose

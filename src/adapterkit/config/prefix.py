@@ -9,7 +9,7 @@ from .base import MethodConfig, check_bools, check_choice, check_probability, is
 
 PREFIX_NON_LINEARITIES = ("tanh", "relu", "gelu", "swish", "silu")
 # Modes of T5's relative position bias next to a prefix (see PrefixTuningConfig.position_bias).
-PREFIX_POSITION_BIASES = ("zero", "concatenated")
+PREFIX_POSITION_BIASES = ("zero", "concatenated", "shifted")
 
 
 @register_config
@@ -29,7 +29,9 @@ class PrefixTuningConfig(MethodConfig):
         use_gating: Scale the prefix values by a learned gate per layer (UniPELT).
         shift_positions: Number the real tokens from ``prefix_length`` instead of 0, as PEFT does by
             passing its prefix as a KV cache. Checkpoints read from PEFT set it, so their outputs match
-            PEFT's. Needs a family whose description names its ``position_ids`` rule.
+            PEFT's. Needs a family whose description names its ``position_ids`` rule. In
+            encoder-decoder models (BART) only the decoder's positions move, because PEFT passes its
+            cache to the decoder only.
         position_bias: The mode of T5's relative position bias next to the prefix. ``"zero"`` gives the
             prefix columns zero bias and the real keys the bias they have without a prefix.
             ``"concatenated"`` computes the bias over the prefix and the real keys as one key
@@ -39,8 +41,17 @@ class PrefixTuningConfig(MethodConfig):
             checkpoints sets it. As there, the first block of a stack computes the bias and later
             blocks reuse it, and from the first block whose prefix length differs from the first
             block's (see ``leave_out``) on, every block of that stack gets zero relative bias.
+            ``"shifted"`` computes the bias that a KV cache holding the prefix gives, as PEFT's prefix
+            tuning does: the prefix takes key positions ``0`` to ``prefix_length - 1``, and the queries
+            and the real keys move ``prefix_length`` positions on. So the real keys keep the bias they
+            have without a prefix, and prefix key ``j`` gets the bias of its distance
+            ``j - prefix_length - i`` from query ``i``. Only the first block of a T5 stack has the
+            relative bias embedding, so that block computes the bias for its prefix length and later
+            blocks use its last columns. With ``"shifted"``, a block whose prefix is longer than the
+            first block's raises ``NotImplementedError``.
             Models without a relative position bias (BERT, GPT-2, Llama, BART) compute the same in
-            both modes. MPNet and DeBERTa-v2 raise ``NotImplementedError`` on ``"concatenated"``.
+            all modes. MPNet and DeBERTa-v2 raise ``NotImplementedError`` on ``"concatenated"`` and
+            ``"shifted"``.
         leave_out: Indices of blocks that get no prefix.
     """
 

@@ -54,7 +54,7 @@ from ..config import IA3Config, LoRAConfig, MethodConfig, PrefixTuningConfig, Pr
 from ..config.base import ROLES
 from ..heads import STORE_ATTRIBUTE
 from ..io import write_atomically
-from ..layout import linear_shape
+from ..layout import ModelLayout, linear_shape
 from ..methods.prompt import input_embeddings, prompt_target
 
 if TYPE_CHECKING:
@@ -269,6 +269,9 @@ def read_peft(registry: AdapterRegistry, directory: str | os.PathLike) -> PeftCh
     embeddings (BERT, RoBERTa, GPT-2) and the rotation of queries against the prefix keys (RoPE
     models). The config read here sets ``shift_positions=True``, so adapterkit numbers the real tokens
     the same way when the caller passes no position ids. ``info["position_offset"]`` is that shift.
+    Encoder-decoder checkpoints (``num_transformer_submodules=2``) prefix the decoder self-attention
+    only, and the config read from them numbers the decoder's tokens the same way (see
+    ``_read_encoder_decoder_prefix``).
 
     Prompt tuning: outputs match PEFT's with two exceptions. In rows with left padding, adapterkit
     puts the prompt after the padding and PEFT before it. And when ``forward`` gets position ids
@@ -286,8 +289,8 @@ def read_peft(registry: AdapterRegistry, directory: str | os.PathLike) -> PeftCh
         ValueError: For any part of the checkpoint that adapterkit cannot reproduce exactly. Examples
             are another PEFT method, DoRA, trained biases, options of other LoRA variants, and a
             module that plays no projection role in this family. So are (IA)^3 on the other side
-            of a layer than adapterkit scales, encoder-decoder prefix tuning, and weights that do
-            not fit the model.
+            of a layer than adapterkit scales, a ``num_transformer_submodules`` that does not fit
+            the model, and weights that do not fit the model.
     """
     directory = Path(directory)
     peft_config, state = _load_files(directory)
@@ -601,12 +604,14 @@ def _read_prefix(registry: AdapterRegistry, peft_config: dict[str, Any], state: 
     _check_prompt_embeddings(state, "prefix tuning")
     layout = registry.layout
     submodules = peft_config.get("num_transformer_submodules") or 1
-    if submodules != 1 or len(layout.spec.stacks) != 1:
-        # PEFT 0.21 on transformers 5 prefixes only the decoder self-attention of encoder-decoder
-        # models, takes those prefixes from a duplicated layer layout and shifts decoder positions.
-        raise ValueError(f"Prefix tuning of encoder-decoder models (num_transformer_submodules={submodules}, "
-                         f"{layout.family!r}) is not supported: PEFT prefixes decoder self-attention only, in a "
-                         "layout adapterkit's prefixes cannot reproduce")
+    encoder_decoder = len(layout.spec.stacks) != 1
+    if submodules == 2 and encoder_decoder:
+        return _read_encoder_decoder_prefix(registry, peft_config, state, notes)
+    if submodules != 1 or encoder_decoder:
+        raise ValueError(f"num_transformer_submodules={submodules} does not fit this {layout.family!r} model: PEFT "
+                         "passes the prefix of an encoder-decoder model with num_transformer_submodules=2 (the "
+                         "SEQ_2_SEQ_LM default) and that of a single-stack model with 1. Load the checkpoint into "
+                         "the model class it was trained with")
 
     _check_prefix_family(layout.family)
     prefix = state["prompt_embeddings"]
@@ -636,6 +641,81 @@ def _read_prefix(registry: AdapterRegistry, peft_config: dict[str, Any], state: 
                      f"{window} positions later, while adapterkit's prefix stays visible: outputs match while "
                      f"{length} + the sequence length <= {window}")
     return config, {f"methods.0.prefix.{groups[0][0]}.prefix": prefix}
+
+
+def _decoder_blocks(layout: ModelLayout) -> list[int]:
+    """Return the global indices of the decoder blocks of an encoder-decoder layout (its last, causal stack)."""
+    decoder = layout.spec.stacks[-1]
+    if not decoder.causal or decoder.cross_attention_module is None:
+        raise ValueError(f"adapterkit's {layout.family!r} description has no decoder stack with cross-attention "
+                         "last, which PEFT's encoder-decoder prefix tuning needs")
+    return layout.indices(decoder)
+
+
+def _peft_decoder_block(layer: int, num_layers: int) -> int:
+    """Return the block of PEFT's ``prompt_embeddings`` whose keys and values decoder layer ``layer`` attends to.
+
+    For ``num_transformer_submodules=2``, PEFT 0.21.2's ``get_prompt`` concatenates the
+    ``2 * num_layers`` key and value rows with themselves and cuts the result into groups of four
+    (self-attention key and value, cross-attention key and value) per decoder layer. So layer ``i``
+    reads row ``4 i mod 2 num_layers``, the key of block ``2 i mod num_layers``, and the value
+    after it. The cross-attention pairs are dropped for an empty cache.
+    """
+    return (2 * layer) % num_layers
+
+
+def _read_encoder_decoder_prefix(registry: AdapterRegistry, peft_config: dict[str, Any],
+                                 state: dict[str, torch.Tensor],
+                                 notes: list[str]) -> tuple[PrefixTuningConfig, dict[str, torch.Tensor]]:
+    """Map a PEFT prefix of an encoder-decoder model onto a prefix of the decoder self-attention only.
+
+    PEFT 0.21.2 passes the prefix as the self-attention part of an ``EncoderDecoderCache`` with an
+    empty cross-attention part, and only the decoder receives that cache. So the encoder and the
+    cross-attention see no prefix, and the decoder numbers its real tokens from
+    ``num_virtual_tokens`` on. The config read here reproduces that: ``encoder_prefix=False``,
+    ``cross_prefix=False``, ``position_bias="shifted"`` (T5's relative bias as next to a cache) and
+    ``shift_positions=True`` where the family has a position rule (BART's learned positions).
+    """
+    layout = registry.layout
+    _check_prefix_family(layout.family)
+    prefix = state["prompt_embeddings"]
+    kv_heads, head_dim = attention_shape(registry.model.config)
+    width = 2 * kv_heads * head_dim
+    decoder_blocks = _decoder_blocks(layout)
+    length = int(peft_config.get("num_virtual_tokens") or prefix.shape[0])
+    num_layers = peft_config.get("num_layers")
+    if num_layers is None:
+        num_layers = prefix.shape[-1] // width
+    expected = {"num_attention_heads": kv_heads, "token_dim": kv_heads * head_dim}
+    wrong = [f"{key}={peft_config.get(key)!r} (this model: {value})" for key, value in expected.items()
+             if peft_config.get(key) is not None and peft_config.get(key) != value]
+    if num_layers < len(decoder_blocks):
+        # PEFT's cache then has no entry for the last decoder layers, and its forward fails.
+        wrong.append(f"num_layers={num_layers} (this model's decoder has {len(decoder_blocks)} layers)")
+    shape = (length, num_layers * width)
+    if wrong or tuple(prefix.shape) != shape:
+        raise ValueError(f"The prefix does not fit this model: {'; '.join(wrong) or 'sizes match'}, prompt_embeddings "
+                         f"{tuple(prefix.shape)}, expected {shape}")
+
+    config = PrefixTuningConfig(prefix_length=length, flat=True, encoder_prefix=False, cross_prefix=False,
+                                shift_positions=layout.spec.position_ids is not None, position_bias="shifted")
+    groups = layout.prefix_stacks(config)
+    if len(groups) != 1 or groups[0][2] != decoder_blocks:
+        raise ValueError(f"adapterkit's {layout.family!r} description does not put one prefix on every decoder "
+                         "self-attention, as PEFT does; set the decoder stack's attention_module")
+    blocks = [_peft_decoder_block(layer, num_layers) for layer in range(len(decoder_blocks))]
+    rows = torch.cat([prefix[:, block * width:(block + 1) * width] for block in blocks], dim=1)
+
+    if peft_config.get("prefix_projection"):
+        notes.append("The checkpoint holds the output of PEFT's prefix MLP, not the MLP, so the prefix is loaded flat")
+    notes.append(f"PEFT passes the prefix to the decoder self-attention only, so the prefix is loaded there "
+                 f"(encoder_prefix=False, cross_prefix=False), and decoder layer i reads block 2 i mod {num_layers} "
+                 f"of prompt_embeddings: blocks {blocks}")
+    unused = sorted(set(range(num_layers)) - set(blocks))
+    if unused:
+        notes.append(f"PEFT's decoder never reads blocks {unused} of prompt_embeddings, so they are not loaded")
+    notes.append(f"The decoder numbers its real tokens from {length} (after the prefix), as PEFT's cache does")
+    return config, {f"methods.0.prefix.{groups[0][0]}.prefix": rows}
 
 
 def _check_prefix_family(family: str) -> None:
@@ -699,7 +779,9 @@ def write_peft(registry: AdapterRegistry, name: str, directory: str | os.PathLik
     Raises:
         ValueError: If the adapter has no PEFT equivalent: several methods, a method other than
             LoRA, (IA)^3, prefix tuning and prompt tuning, gating, a prefix on only some blocks, or
-            a prompt on a model class that PEFT's prompt tuning cannot run.
+            a prompt on a model class that PEFT's prompt tuning cannot run. On encoder-decoder
+            models, also a prefix on the encoder or the cross-attention, or decoder positions that
+            PEFT's cache would number otherwise (``position_bias``, ``shift_positions``).
     """
     registry.check_names([name])
     directory = Path(directory)
@@ -931,8 +1013,7 @@ def _prefix_to_peft(registry: AdapterRegistry, config: PrefixTuningConfig,
     layout = registry.layout
     groups = layout.prefix_stacks(config)
     if len(layout.spec.stacks) != 1:
-        raise ValueError(f"Prefix tuning of encoder-decoder models ({layout.family!r}) cannot be written in the PEFT "
-                         "format: PEFT prefixes decoder self-attention only, in another layout")
+        return _encoder_decoder_prefix_to_peft(registry, config, tree)
     if len(groups) != 1 or groups[0][2] != list(range(len(layout))):
         raise ValueError(f"PEFT puts a prefix on every block, but this adapter leaves out blocks "
                          f"{list(config.leave_out)}; write an adapter with leave_out=()")
@@ -963,6 +1044,71 @@ def _prefix_to_peft(registry: AdapterRegistry, config: PrefixTuningConfig,
         "num_attention_heads": kv_heads,
         "num_layers": len(layout),
         "num_transformer_submodules": 1,
+        "encoder_hidden_size": layout.hidden_size,
+        "prefix_projection": False,
+    }
+    return peft_config, {"prompt_embeddings": prefix}
+
+
+def _encoder_decoder_prefix_to_peft(registry: AdapterRegistry, config: PrefixTuningConfig,
+                                    tree: nn.ModuleDict) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Write a decoder self-attention prefix as PEFT's ``SEQ_2_SEQ_LM`` prefix (``num_transformer_submodules=2``).
+
+    PEFT's decoder layer ``i`` reads block ``2 i mod num_layers`` of ``prompt_embeddings`` (see
+    ``_peft_decoder_block``). With ``num_layers`` twice the decoder's layer count, layer ``i`` reads
+    block ``2 i``, so every layer gets its own prefix. The odd blocks, which PEFT never reads, are zeros.
+    """
+    layout = registry.layout
+    model = registry.model
+    decoder_blocks = _decoder_blocks(layout)
+    fixes = "PrefixTuningConfig(encoder_prefix=False, cross_prefix=False, position_bias='shifted'" + (
+        ", shift_positions=True)" if layout.spec.position_ids is not None else ")")
+    if config.encoder_prefix or config.cross_prefix:
+        field = "encoder_prefix" if config.encoder_prefix else "cross_prefix"
+        raise ValueError(f"{field}=True: PEFT's prefix tuning of encoder-decoder models prefixes the decoder "
+                         f"self-attention only, so this adapter would give other outputs in PEFT. Train it with "
+                         f"{fixes} to share it in the PEFT format, or save it in the adapterkit or adapters format")
+    left_out = [index for index in decoder_blocks if index in config.leave_out]
+    if left_out:
+        raise ValueError(f"PEFT puts a prefix on every decoder block, but this adapter leaves out decoder blocks "
+                         f"{left_out} (leave_out={list(config.leave_out)}); write an adapter without them in leave_out")
+    relative_bias = any(getattr(module, "has_relative_attention_bias", False) for module in model.modules())
+    if relative_bias and config.position_bias != "shifted":
+        raise ValueError(f"position_bias={config.position_bias!r}: PEFT passes the prefix as a KV cache, so "
+                         f"the relative position bias of {layout.family!r} models numbers the queries and keys after "
+                         f"the prefix, which only position_bias='shifted' reproduces. Train it with {fixes}")
+    if layout.spec.position_ids is not None and not config.shift_positions:
+        raise ValueError(f"shift_positions=False: PEFT passes the prefix as a KV cache, so the decoder numbers the "
+                         f"real tokens from prefix_length, but this adapter numbers them from 0. Train it with {fixes}")
+    if config.use_gating:
+        raise ValueError("PEFT's prefix tuning has no gate; an adapter with use_gating=True (UniPELT) cannot be "
+                         "written in the PEFT format")
+    _check_prefix_family(layout.family)
+    if _task_type(model) != "SEQ_2_SEQ_LM":
+        raise ValueError(f"PEFT runs the prefix of an encoder-decoder model through its SEQ_2_SEQ_LM wrapper, which "
+                         f"does not fit a {type(model).__name__}; write the prefix from the model's "
+                         "ForConditionalGeneration class (AutoModelForSeq2SeqLM)")
+
+    module = tree["prefix"][layout.prefix_stacks(config)[0][0]]
+    with torch.no_grad():
+        rows = module.prefix if module.flat else module.mlp(module.embedding.weight)
+    if not module.flat:
+        logger.warning("PEFT stores the prefix MLP's output only, so the checkpoint contains the prefix flat and "
+                       "training it further in PEFT trains the prefix directly")
+    kv_heads, head_dim = attention_shape(model.config)
+    width = 2 * kv_heads * head_dim
+    num_layers = 2 * len(decoder_blocks)
+    prefix = rows.new_zeros(config.prefix_length, num_layers * width)
+    for layer in range(len(decoder_blocks)):
+        block = _peft_decoder_block(layer, num_layers)
+        prefix[:, block * width:(block + 1) * width] = rows[:, layer * width:(layer + 1) * width]
+    peft_config = {
+        "peft_type": "PREFIX_TUNING",
+        "num_virtual_tokens": config.prefix_length,
+        "token_dim": kv_heads * head_dim,
+        "num_attention_heads": kv_heads,
+        "num_layers": num_layers,
+        "num_transformer_submodules": 2,
         "encoder_hidden_size": layout.hidden_size,
         "prefix_projection": False,
     }
