@@ -28,6 +28,11 @@
   last adapter (or the fusion's head when it ends in a ``Fuse``). A ``BatchSplit`` on top does the
   same with its row groups.
 
+Per-row routing (``model(**inputs, adapter_names=[...])``), ``Stack``, ``BatchSplit`` and
+``Parallel`` run adapters of every method. Adapters that act on whole rows (prefix and prompt
+tuning, invertible and before-head adapters) raise ``NotImplementedError`` inside ``Average``,
+``Split`` and ``Fuse``, which mix values within a row.
+
 ``ALLOWED`` is the table of which block may contain which. Activating any other nesting raises a
 ``ValueError`` that names both blocks, before any forward runs.
 
@@ -579,6 +584,58 @@ def _run_position_split(plan: PositionSplit, hidden: torch.Tensor, apply: ApplyP
     return torch.cat(pieces, dim=1)
 
 
+def row_pairs(plan: SitePlan | list | None, batch_size: int, device: torch.device) -> list[tuple[torch.Tensor, Pairs]]:
+    """Return the rows of a batch grouped by the ``(config, module)`` pairs each row runs, in order.
+
+    Sites whose adapters act on whole rows (prefixes, prompts, position shifts, invertible and
+    before-head adapters) read a plan of ``Chain`` and ``RowSplit`` nodes this way: a row of a
+    ``Stack("a", BatchSplit("b", "c"))`` group runs the pairs of ``a`` then those of ``b``.
+
+    Args:
+        plan: A list of pairs, a plan of ``Chain`` and ``RowSplit`` nodes, or ``None``.
+        batch_size: The rows of the site's batch, a multiple of each ``RowSplit``'s base rows.
+        device: The device of the returned row indices.
+
+    Returns:
+        ``(rows, pairs)`` groups that cover every row once; ``rows`` is a 1-D long tensor of row
+        numbers, in increasing order, and ``pairs`` is empty for rows that run no adapter.
+
+    Raises:
+        ValueError: If a ``RowSplit`` does not fit the batch size.
+        NotImplementedError: For ``Mix``, ``PositionSplit`` and ``FusePlan`` nodes, which mix or
+            split values within a row.
+    """
+    rows = torch.arange(batch_size, device=device)
+    groups = _row_pairs(plan, rows)
+    return [(torch.sort(group_rows).values, pairs) for group_rows, pairs in groups if group_rows.numel()]
+
+
+def _row_pairs(plan: SitePlan | list | None, rows: torch.Tensor) -> list[tuple[torch.Tensor, Pairs]]:
+    if plan is None:
+        return [(rows, [])]
+    if isinstance(plan, list):
+        return [(rows, list(plan))]
+    if isinstance(plan, Chain):
+        groups = [(rows, [])]
+        for part in plan.parts:
+            groups = [(part_rows, pairs + part_pairs) for group_rows, pairs in groups
+                      for part_rows, part_pairs in _row_pairs(part, group_rows)]
+        return groups
+    if isinstance(plan, RowSplit):
+        indices = expand_rows(plan.groups, plan.base_rows, rows.shape[0], rows.device,
+                              f"{type(plan).__name__} over {len(plan.children)} children")
+        covered = torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
+        groups = []
+        for child, index in zip(plan.children, indices):
+            covered[index] = True
+            groups.extend(_row_pairs(child, rows[index]))
+        groups.append((rows[~covered], []))
+        return groups
+    raise NotImplementedError(f"{type(plan).__name__} mixes or splits values within a row, which adapters that act "
+                              "on whole rows (prefix tuning, prompt tuning, invertible and before-head adapters) "
+                              "cannot run in; use Stack, BatchSplit, Parallel or per-row routing for them")
+
+
 def plan_pairs(plan: SitePlan | list | None) -> Pairs:
     """Return every ``(config, module)`` pair that ``plan`` may run, in order."""
     if plan is None:
@@ -636,10 +693,23 @@ def repeat_batch(value: Any, batch_size: int, copies: int) -> Any:
 def composed_leaves(block: str | Block) -> list[str]:
     """Return the adapters of ``block`` that sit inside a block other than ``Stack``.
 
-    Those adapters run through ``run_plan``, which only sublayer and linear-projection sites call.
+    Those adapters run through the block's plan (``run_plan`` or ``row_pairs``) at every site.
     """
     if isinstance(block, str):
         return []
     if isinstance(block, Stack):
         return [name for child in block.children for name in composed_leaves(child)]
     return leaf_names(block)
+
+
+def within_row_leaves(block: str | Block) -> list[str]:
+    """Return the adapters of ``block`` inside an ``Average``, ``Split`` or ``Fuse``, blocks that mix values within a row.
+
+    Adapters that act on whole rows (prefix and prompt tuning, invertible and before-head adapters)
+    cannot sit there. ``Stack``, ``BatchSplit`` and ``Parallel`` only choose which rows run what.
+    """
+    if isinstance(block, str):
+        return []
+    if isinstance(block, (Average, Split, Fuse)):
+        return leaf_names(block)
+    return [name for child in block.children for name in within_row_leaves(child)]

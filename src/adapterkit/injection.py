@@ -28,12 +28,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .architectures import InputRef, LinearRef, SublayerSpec, get_submodule
-from .composition import FusePlan, Select, plan_pairs, run_plan
+from .composition import FusePlan, Select, plan_pairs, row_pairs, run_plan
 from .config import BottleneckConfig, IA3Config, LoRAConfig, MethodConfig
-from .methods.prompt import (encoder_and_decoder, extend_cross_attention_mask, extend_inputs, has_token_labels,
-                             input_embeddings, prompt_target)
+from .methods.prompt import (encoder_and_decoder, extend_cross_attention_mask, extend_inputs,
+                             extend_routed_cross_attention_mask, extend_routed_inputs, has_token_labels,
+                             input_embeddings, prompt_target, row_prompt_lengths)
 from .prefix_attention import PrefixPair, set_prefix_source
 
 # A site key, e.g. ("sublayer", 3, "feed_forward"), and the (config, module) pairs that run there.
@@ -397,12 +399,17 @@ class PrefixSite(Site):
         mask = kwargs.get("attention_mask")
         self._captured.attention_mask = kwargs.get("mask") if mask is None else mask
 
-    def _gate(self, prefix: nn.Module, row: int) -> torch.Tensor:
+    def _gate(self, prefix: nn.Module, row: int, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Return the UniPELT gate of one layer's prefix values, ``(batch or 1, 1, 1, 1)``.
 
         Encoders average the gate over the real tokens of the input, as UniPELT does. Prefix values
         are shared by every query, so in causal stacks an input-dependent gate would let a position
         see later tokens. There the prefix module learns one gate logit per layer instead.
+
+        Args:
+            prefix: The ``PrefixTuning`` module.
+            row: The layer of ``prefix``.
+            rows: The batch rows to compute the gate for, ``(n,)``, or ``None`` for every row.
         """
         if prefix.gate_logits is not None:
             return prefix.gate_value(row)
@@ -411,17 +418,80 @@ class PrefixSite(Site):
             raise RuntimeError(f"adapterkit found no input of the attention module of block {self.key[1]} "
                                "to compute the prefix gate from")
         mask = token_mask(getattr(self._captured, "attention_mask", None), hidden_states.shape[1], causal=False)
+        if rows is not None:
+            hidden_states = hidden_states.index_select(0, rows)
+            mask = None if mask is None else mask.index_select(0, rows.to(mask.device))
         return prefix.gate_value(row, hidden_states, attention_mask=mask)
 
     def __call__(self, module: nn.Module, query: torch.Tensor) -> list[PrefixPair]:
+        plan = self.lookup(self.key)
+        if plan is None or isinstance(plan, list):
+            return self._stacked_prefixes(plan or [], query.dtype)
+        return self._routed_prefixes(plan, query)
+
+    def _stacked_prefixes(self, pairs: list, dtype: torch.dtype, rows: torch.Tensor | None = None) -> list[PrefixPair]:
+        """Return the prefixes of ``pairs``, each key and value ``(1 or rows, kv_heads, length, dim)``.
+
+        Input-dependent gates are computed on batch ``rows``, or on every row when ``rows`` is ``None``.
+        """
         prefixes = []
-        for config, (prefix, row) in self.lookup(self.key):
+        for config, (prefix, row) in pairs:
             keys, values = prefix.layer_prefix(row)
-            keys, values = keys.unsqueeze(0).to(query.dtype), values.unsqueeze(0).to(query.dtype)
+            keys, values = keys.unsqueeze(0).to(dtype), values.unsqueeze(0).to(dtype)
             if prefix.use_gating:
-                values = values * self._gate(prefix, row).to(query.dtype)
+                values = values * self._gate(prefix, row, rows).to(dtype)
             prefixes.append(PrefixPair(keys, values, config.position_bias))
         return prefixes
+
+    def _routed_prefixes(self, plan: Any, query: torch.Tensor) -> list[PrefixPair]:
+        """Return one prefix whose row ``i`` is the prefix of the adapters that row ``i`` runs.
+
+        Rows with shorter prefixes are padded at the end to the longest, and ``PrefixPair.mask``
+        hides the padded slots, so each row attends to exactly its own adapters' prefix slots.
+
+        Raises:
+            ValueError: If the rows' prefixes request different ``position_bias`` modes.
+            NotImplementedError: If a prefix with a ``position_bias`` other than ``"zero"`` meets
+                rows with another prefix length, because T5's relative bias over such a prefix
+                depends on its length.
+        """
+        batch = query.shape[0]
+        groups = []
+        modes = set()
+        for rows, pairs in row_pairs(plan, batch, query.device):
+            prefixes = self._stacked_prefixes(pairs, query.dtype, rows)
+            modes.update(pair.position_bias for pair in prefixes)
+            length = sum(pair.key.shape[2] for pair in prefixes)
+            groups.append((rows, prefixes, length))
+        longest = max(length for _, _, length in groups)
+        if not longest:
+            return []
+        if len(modes) > 1:
+            raise ValueError(f"Rows routed to prefixes with position_bias {sorted(modes)} share one attention "
+                             "call, which computes one position bias. Route together only prefix adapters with "
+                             "the same PrefixTuningConfig.position_bias")
+        uneven = any(length != longest for _, _, length in groups)
+        if uneven and modes != {"zero"}:
+            raise NotImplementedError(
+                f"Rows routed to position_bias={sorted(modes)[0]!r} prefixes have prefix lengths "
+                f"{sorted({length for _, _, length in groups})} in block {self.key[1]}, but T5's relative bias over "
+                "the prefix depends on its length. Route rows only to prefix adapters of one prefix_length, or use "
+                "PrefixTuningConfig(position_bias='zero')")
+        reference = next(pair for _, prefixes, _ in groups for pair in prefixes)
+        keys = reference.key.new_zeros(batch, reference.key.shape[1], longest, reference.key.shape[3])
+        values = reference.value.new_zeros(batch, reference.value.shape[1], longest, reference.value.shape[3])
+        mask = torch.zeros(batch, longest, dtype=torch.bool, device=query.device)
+        for rows, prefixes, length in groups:
+            if not length:
+                continue
+            count = rows.shape[0]
+            group_keys = torch.cat([pair.key.expand(count, -1, -1, -1) for pair in prefixes], dim=2)
+            group_values = torch.cat([pair.value.expand(count, -1, -1, -1) for pair in prefixes], dim=2)
+            padding = (0, 0, 0, longest - length)
+            keys = keys.index_copy(0, rows, F.pad(group_keys, padding))
+            values = values.index_copy(0, rows, F.pad(group_values, padding))
+            mask[rows, :length] = True
+        return [PrefixPair(keys, values, modes.pop(), None if not uneven else mask)]
 
 
 class EmbeddingSite(Site):
@@ -452,10 +522,13 @@ class EmbeddingSite(Site):
         adapters = self.lookup(self.key)
         if not adapters or (self.scoped and not getattr(self._captured, "depth", 0)):
             return None
-        hidden = first_tensor(output)
-        for _, adapter in adapters:
-            hidden = adapter(hidden)
-        return replace_first_tensor(output, hidden)
+        def apply(pairs: list, part_hidden: torch.Tensor, select: Select) -> torch.Tensor:
+            for _, adapter in pairs:
+                part_hidden = adapter(part_hidden)
+            return part_hidden
+
+        # A list of pairs runs on every row; a plan of Chain and RowSplit nodes runs each row's own adapters.
+        return replace_first_tensor(output, run_plan(adapters, first_tensor(output), apply))
 
 
 class FinalSite(Site):
@@ -475,21 +548,36 @@ class FinalSite(Site):
         self._handles = [final.register_forward_hook(self._transform)]
 
     def _transform(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        adapters = self.lookup(self.key)
-        if not adapters:
+        plan = self.lookup(self.key)
+        if not plan:
             return None
         hidden = first_tensor(output)
+        if isinstance(plan, list):
+            hidden, changed = self._apply(plan, hidden)
+            return replace_first_tensor(output, hidden) if changed else None
+        # Each row group runs its adapters as one stack, so the inverses of stacked invertible
+        # adapters run in the reverse order of the whole stack, not per block of the plan.
+        result, changed = hidden, False
+        for rows, pairs in row_pairs(plan, hidden.shape[0], hidden.device):
+            part, part_changed = self._apply(pairs, hidden.index_select(0, rows))
+            if part_changed:
+                result = result.index_copy(0, rows, part.to(result.dtype))
+                changed = True
+        return replace_first_tensor(output, result) if changed else None
+
+    def _apply(self, pairs: list, hidden: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Return ``hidden`` ``(rows, seq_len, hidden)`` after the adapters of ``pairs``, and whether any ran."""
         changed = False
-        for config, adapter in adapters:
+        for config, adapter in pairs:
             if isinstance(config, BottleneckConfig):
                 hidden = adapter(hidden, hidden)
                 changed = True
         if self.invert:
-            for config, adapter in reversed(adapters):
+            for config, adapter in reversed(pairs):
                 if not isinstance(config, BottleneckConfig):
                     hidden = adapter.inverse(hidden)
                     changed = True
-        return replace_first_tensor(output, hidden) if changed else None
+        return hidden, changed
 
 
 def arguments_by_name(names: tuple[str, ...], args: tuple, kwargs: dict, module: nn.Module) -> dict[str, Any]:
@@ -507,6 +595,11 @@ class PositionShiftSite(Site):
     model itself would with a KV cache ``shift`` tokens longer (the sum of the active shifted
     prefixes' lengths). Explicit ``position_ids`` are left alone.
 
+    Encoder-decoder base models whose forward takes no ``position_ids`` (BART) get the pre-hook on
+    the decoder's ``embed_positions`` module instead, which adds ``shift`` to the positions that
+    the decoder computes from its cache length. The encoder's positions stay, because PEFT passes
+    its prefix cache to the decoder only.
+
     Args:
         key: ``("positions",)``.
         base_model: The model's base model, whose forward takes ``position_ids``.
@@ -519,12 +612,48 @@ class PositionShiftSite(Site):
         super().__init__(key, lookup)
         self.rule = rule
         self.padding_idx = padding_idx
-        self._arguments = positional_names(base_model)
-        self._handles = [base_model.register_forward_pre_hook(self._shift, with_kwargs=True)]
+        if "position_ids" in inspect.signature(base_model.forward).parameters:
+            self._arguments = positional_names(base_model)
+            self._handles = [base_model.register_forward_pre_hook(self._shift, with_kwargs=True)]
+        else:
+            embedding = _decoder_position_embedding(base_model)
+            self._arguments = positional_names(embedding)
+            self._handles = [embedding.register_forward_pre_hook(self._shift_decoder_positions, with_kwargs=True)]
+
+    def _row_shifts(self, plan: Any, batch: int, device: torch.device) -> int | torch.Tensor:
+        """Return the shift of every row: an int for a list of pairs, else ``(batch, 1)`` per row under routing."""
+        if plan is None or isinstance(plan, list):
+            return sum(length for _, length in plan or [])
+        shifts = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        for rows, pairs in row_pairs(plan, batch, device):
+            shifts[rows] = sum(length for _, length in pairs)
+        return shifts
+
+    def _shift_decoder_positions(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        plan = self.lookup(self.key)
+        if not any(length for _, length in plan_pairs(plan)):
+            return None
+        inputs = arguments_by_name(self._arguments, args, kwargs, module)
+        shift = self._row_shifts(plan, inputs[self._arguments[0]].shape[0], inputs[self._arguments[0]].device)
+        if isinstance(shift, torch.Tensor):
+            if bool((shift != shift[0]).any()):
+                raise NotImplementedError(
+                    f"{type(module).__name__} takes one position offset for every row, so rows routed to "
+                    "shift_positions prefixes of different lengths (or to none) cannot each get their own shift; "
+                    "route rows only to prefix adapters of one prefix_length, or use shift_positions=False")
+            shift = int(shift[0])
+        # BART's embed_positions(input_ids, cache_length, position_ids=None) (transformers 5) numbers the
+        # tokens from the cache length, or takes the positions that the decoder computed from it.
+        if inputs.get("position_ids") is not None:
+            inputs["position_ids"] = inputs["position_ids"] + shift
+        else:
+            past_name = self._arguments[1]
+            inputs[past_name] = inputs.get(past_name, 0) + shift
+        return (), inputs
 
     def _shift(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        shift = sum(length for _, length in self.lookup(self.key))
-        if not shift:
+        plan = self.lookup(self.key)
+        if not any(length for _, length in plan_pairs(plan)):
             return None
         inputs = arguments_by_name(self._arguments, args, kwargs, module)
         if inputs.get("position_ids") is not None:
@@ -536,14 +665,32 @@ class PositionShiftSite(Site):
         cache = next((inputs[k] for k in _CACHE_KEYWORDS if inputs.get(k) is not None), None)
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
         batch, length = reference.shape[0], reference.shape[1]
+        # An int, or (batch, 1) when routed rows have prefixes of different lengths.
+        shift = self._row_shifts(plan, batch, reference.device)
         if self.rule == "padding_offset" and input_ids is not None:
             real = input_ids.ne(self.padding_idx).long()
             positions = (torch.cumsum(real, dim=1) + past + shift) * real + self.padding_idx
         else:
             start = past + shift + (self.padding_idx + 1 if self.rule == "padding_offset" else 0)
-            positions = torch.arange(start, start + length, device=reference.device).expand(batch, length)
+            positions = (torch.arange(length, device=reference.device) + start).expand(batch, length)
         inputs["position_ids"] = positions
         return (), inputs
+
+
+def _decoder_position_embedding(base_model: nn.Module) -> nn.Module:
+    """Return the ``embed_positions`` module of the decoder of ``base_model``, for ``PositionShiftSite``.
+
+    Raises:
+        ValueError: If ``base_model`` has no decoder with an ``embed_positions`` module that takes
+            the past length as its second argument.
+    """
+    decoder = base_model.get_decoder() if getattr(base_model.config, "is_encoder_decoder", False) else None
+    embedding = getattr(decoder, "embed_positions", None)
+    if not isinstance(embedding, nn.Module) or len(positional_names(embedding)) < 2:
+        raise ValueError(f"shift_positions=True, but {type(base_model).__name__}.forward takes no position_ids and "
+                         "the model has no decoder embed_positions module that numbers positions from the cache "
+                         "length, so adapterkit cannot shift its positions; use shift_positions=False")
+    return embedding
 
 
 class PromptSite(Site):
@@ -554,16 +701,22 @@ class PromptSite(Site):
     calls the encoder directly, and one on the decoder, which adds the prompt's columns to the
     cross-attention mask.
 
+    Under per-row routing, ``BatchSplit`` and ``Parallel``, each row reads its own prompts, padded
+    to one length with masked slots (see ``methods.prompt.extend_routed_inputs``): before the
+    prompt in causal models, at the end of the row in encoders.
+
     Args:
         key: ``("prompt",)``.
         model: The transformers model.
         lookup: Called at every forward to get ``(config, PromptTuning)`` pairs.
+        causal: Whether the model's first stack is causal (a decoder-only model).
     """
 
-    def __init__(self, key: SiteKey, model: nn.Module, lookup: Lookup):
+    def __init__(self, key: SiteKey, model: nn.Module, lookup: Lookup, causal: bool = False):
         super().__init__(key, lookup)
         self.target = prompt_target(model)
         encoder_decoder = self.target is not model
+        self.padding_first = causal and not encoder_decoder
         self._target_arguments = positional_names(self.target)
         self._token_labels = not encoder_decoder and has_token_labels(model)
         self._handles = [self.target.register_forward_pre_hook(self._insert_prompt, with_kwargs=True)]
@@ -573,19 +726,40 @@ class PromptSite(Site):
             self._handles.append(decoder.register_forward_pre_hook(self._extend_cross_mask, with_kwargs=True))
 
     def _insert_prompt(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        prompts = [prompt for _, prompt in self.lookup(self.key)]
-        if not prompts:
+        plan = self.lookup(self.key)
+        if not plan:
             return None
         inputs = arguments_by_name(self._target_arguments, args, kwargs, module)
-        if not extend_inputs(inputs, prompts, input_embeddings(module), token_labels=self._token_labels):
-            return None
-        return (), inputs
+        if isinstance(plan, list):
+            changed = extend_inputs(inputs, [prompt for _, prompt in plan], input_embeddings(module),
+                                    token_labels=self._token_labels)
+        else:
+            groups = self._row_groups(plan, inputs)
+            changed = groups is not None and extend_routed_inputs(
+                inputs, groups, input_embeddings(module), token_labels=self._token_labels,
+                padding_first=self.padding_first, takes_position_ids="position_ids" in self._target_arguments)
+        return ((), inputs) if changed else None
 
     def _extend_cross_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        prompts = [prompt for _, prompt in self.lookup(self.key)]
-        if not prompts:
+        plan = self.lookup(self.key)
+        if not plan:
             return None
         inputs = arguments_by_name(self._decoder_arguments, args, kwargs, module)
-        if not extend_cross_attention_mask(inputs, sum(prompt.prompt_length for prompt in prompts)):
+        if isinstance(plan, list):
+            changed = extend_cross_attention_mask(inputs, sum(prompt.prompt_length for _, prompt in plan))
+        else:
+            states = inputs.get("encoder_hidden_states")
+            groups = self._row_groups(plan, {"inputs_embeds": states})
+            changed = groups is not None and extend_routed_cross_attention_mask(
+                inputs, row_prompt_lengths(groups, states.shape[0], states.device))
+        return ((), inputs) if changed else None
+
+    @staticmethod
+    def _row_groups(plan: Any, inputs: dict[str, Any]) -> list[tuple[torch.Tensor, list]] | None:
+        """Return ``(rows, prompt modules)`` per row group of the batch in ``inputs``, or ``None`` without one."""
+        reference = next((inputs[name] for name in ("input_ids", "inputs_embeds")
+                          if isinstance(inputs.get(name), torch.Tensor)), None)
+        if reference is None:
             return None
-        return (), inputs
+        return [(rows, [prompt for _, prompt in pairs])
+                for rows, pairs in row_pairs(plan, reference.shape[0], reference.device)]

@@ -93,7 +93,7 @@ class AdapterModelMixin:
             ValueError: If an adapter is unknown, the block nests blocks it cannot contain, or a
                 ``Fuse`` names no fusion added with ``add_adapter_fusion``.
             NotImplementedError: For prefix tuning, prompt tuning, invertible and before-head
-                adapters inside a block other than ``Stack``.
+                adapters inside an ``Average``, ``Split`` or ``Fuse``, blocks that mix values within a row.
         """
         self._adapterkit.set_active(names if isinstance(names, Block) else _as_names(names))
 
@@ -175,7 +175,8 @@ class AdapterModelMixin:
     def generate(self, *args: Any, adapter_names: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
         """Run transformers' ``generate``; ``adapter_names`` sends input row ``i`` through adapter ``adapter_names[i]``.
 
-        ``None`` in ``adapter_names`` runs that row without adapters. Beam search and
+        ``None`` in ``adapter_names`` runs that row without adapters. Rows can go to adapters of
+        any method, prefixes and prompts of different lengths included. Beam search and
         ``num_return_sequences`` repeat each input row ``f`` times in a row, so every forward with
         ``f * len(adapter_names)`` rows reads rows ``i * f`` to ``i * f + f - 1`` as row ``i``.
 

@@ -20,7 +20,8 @@ the model's attention through code that prepends them:
 In every family the prefix columns are always attended (padding and causal masks do not cover
 them). By default they get zero position bias (T5's relative bias, MPNet's and DeBERTa-v2's
 relative terms). A source can request T5's relative bias over the prefix and the real keys as one
-key sequence instead (``PrefixPair.position_bias``, see ``PrefixTuningConfig.position_bias``).
+key sequence instead, or the bias of a KV cache that holds the prefix (``PrefixPair.position_bias``,
+see ``PrefixTuningConfig.position_bias``).
 """
 
 from __future__ import annotations
@@ -45,9 +46,10 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 # each tensor ``(batch or 1, kv_heads, prefix_length, head_dim)``, to put before the real keys in list order.
 PrefixSource = Callable[[nn.Module, torch.Tensor], Sequence[tuple[torch.Tensor, torch.Tensor]]]
 
-# The position_bias modes of a prefix: "zero" bias on the prefix columns, or T5's relative bias
-# computed over the prefix and the real keys as one key sequence (PrefixTuningConfig.position_bias).
-POSITION_BIAS_MODES = ("zero", "concatenated")
+# The position_bias modes of a prefix (see PrefixTuningConfig.position_bias). "zero" gives the prefix
+# columns zero bias. "concatenated" computes T5's relative bias over the prefix and the real keys as
+# one key sequence. "shifted" computes it as for a KV cache that contains the prefix.
+POSITION_BIAS_MODES = ("zero", "concatenated", "shifted")
 
 
 class PrefixPair(NamedTuple):
@@ -58,11 +60,15 @@ class PrefixPair(NamedTuple):
         value: ``(batch or 1, kv_heads, prefix_length, value_dim)``.
         position_bias: One of ``POSITION_BIAS_MODES``. Only attention modules with a relative
             position bias (T5) compute differently in the two modes.
+        mask: ``(batch, prefix_length)`` bool, True where a row attends to a prefix slot, or
+            ``None`` when every row attends to every slot. Per-row routing pads the prefixes of
+            rows with shorter (or no) prefixes to one length and masks the padded slots out.
     """
 
     key: torch.Tensor
     value: torch.Tensor
     position_bias: str = "zero"
+    mask: torch.Tensor | None = None
 
 
 class CollectedPrefix(NamedTuple):
@@ -72,11 +78,14 @@ class CollectedPrefix(NamedTuple):
         key: ``(batch, kv_heads, prefix_length, head_dim)``.
         value: ``(batch, kv_heads, prefix_length, value_dim)``.
         position_bias: The one ``POSITION_BIAS_MODES`` entry that every collected prefix requested.
+        mask: ``(batch, prefix_length)`` bool, True where a row attends to a prefix slot, or
+            ``None`` when every row attends to every slot (see ``PrefixPair.mask``).
     """
 
     key: torch.Tensor
     value: torch.Tensor
     position_bias: str
+    mask: torch.Tensor | None = None
 
 PREFIX_SOURCE_ATTRIBUTE = "adapterkit_prefix_source"
 IMPLEMENTATION_PREFIX = "adapterkit_prefix_"
@@ -162,7 +171,7 @@ def collect_prefix(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     pairs = source(module, query)
     if not pairs:
         return None
-    keys, values = [], []
+    keys, values, masks = [], [], []
     modes = set()
     for pair in pairs:
         prefix_key, prefix_value = pair[0], pair[1]
@@ -176,6 +185,7 @@ def collect_prefix(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         batch = key.shape[0]
         keys.append(prefix_key.to(device=key.device, dtype=key.dtype).expand(batch, -1, -1, -1))
         values.append(prefix_value.to(device=value.device, dtype=value.dtype).expand(batch, -1, -1, -1))
+        masks.append(_prefix_row_mask(module, getattr(pair, "mask", None), batch, prefix_key.shape[2], key.device))
     unknown = sorted(modes - set(POSITION_BIAS_MODES))
     if unknown:
         raise ValueError(f"the prefix source of {type(module).__name__} returned position_bias={unknown[0]!r}: "
@@ -184,9 +194,28 @@ def collect_prefix(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         raise ValueError(f"the prefix source of {type(module).__name__} returned prefixes with position_bias "
                          f"{sorted(modes)}, but one attention layer computes one position bias. Activate only prefix "
                          "adapters with the same PrefixTuningConfig.position_bias together")
+    mask = None
+    if any(part is not None for part in masks):
+        mask = torch.cat([torch.ones(batch, part_key.shape[2], dtype=torch.bool, device=key.device) if part is None
+                          else part for part, part_key in zip(masks, keys)], dim=1)
     if len(keys) == 1:
-        return CollectedPrefix(keys[0], values[0], modes.pop())
-    return CollectedPrefix(torch.cat(keys, dim=2), torch.cat(values, dim=2), modes.pop())
+        return CollectedPrefix(keys[0], values[0], modes.pop(), mask)
+    return CollectedPrefix(torch.cat(keys, dim=2), torch.cat(values, dim=2), modes.pop(), mask)
+
+
+def _prefix_row_mask(module: nn.Module, mask: torch.Tensor | None, batch: int, length: int,
+                     device: torch.device) -> torch.Tensor | None:
+    """Return a prefix's ``(batch, length)`` bool row mask on ``device``, or ``None`` when it has none.
+
+    Raises:
+        ValueError: If ``mask`` is not ``(1 or batch, length)``.
+    """
+    if mask is None:
+        return None
+    if mask.dim() != 2 or mask.shape[0] not in (1, batch) or mask.shape[1] != length:
+        raise ValueError(f"the prefix source of {type(module).__name__} returned a mask of shape "
+                         f"{tuple(mask.shape)}: expected (1 or {batch}, {length}), the batch size and prefix length")
+    return mask.to(device=device, dtype=torch.bool).expand(batch, length)
 
 
 def _check_prefix_shape(module: nn.Module, name: str, prefix: torch.Tensor, real: torch.Tensor) -> None:
@@ -364,7 +393,8 @@ class PrefixAttentionFunction:
     values after the cache update ``(batch, kv_heads, k_len, head_dim)`` and its 4-D mask (or
     ``None``). It prepends the module's prefixes to the keys and values, attended columns to the
     mask and zero columns to T5's ``position_bias``, then calls the base implementation. With
-    ``position_bias="concatenated"`` prefixes, T5's bias comes from ``_T5BiasPatch.resolve`` instead.
+    ``position_bias="concatenated"`` or ``"shifted"`` prefixes, T5's bias comes from
+    ``_T5BiasPatch.resolve`` instead.
 
     With ``base_implementation == "sdpa"``, a ``None`` mask on a causal module makes SDPA apply
     ``is_causal``, which is top-left aligned and so equals bottom-right alignment whenever
@@ -398,7 +428,7 @@ class PrefixAttentionFunction:
                 kwargs["position_bias"] = bias_patch.resolve(query, key, kwargs["position_bias"], 0, "zero")
             return attention(module, query, key, value, attention_mask, **kwargs)
 
-        prefix_key, prefix_value, mode = prefix
+        prefix_key, prefix_value, mode = prefix.key, prefix.value, prefix.position_bias
         length = prefix_key.shape[2]
         if attention_mask is None and self.base_implementation == "sdpa":
             attention_mask = _sdpa_causal_mask(module, query, key, kwargs.get("is_causal"))
@@ -406,14 +436,23 @@ class PrefixAttentionFunction:
             # left in kwargs (GPT-2 in transformers 4.57 passes one) would make SDPA apply its top-left
             # pattern on top, or fail next to an explicit mask.
             kwargs["is_causal"] = False
+        if attention_mask is None and prefix.mask is not None:
+            # Every real key is visible, but some rows must not see some prefix slots. SDPA takes a boolean
+            # mask, and eager implementations add the mask to the scores.
+            shape = (query.shape[0], 1, query.shape[2], key.shape[2])
+            if self.base_implementation == "sdpa":
+                attention_mask = torch.ones(shape, dtype=torch.bool, device=query.device)
+            else:
+                attention_mask = torch.zeros(shape, dtype=query.dtype, device=query.device)
         if attention_mask is not None:
             attend = True if attention_mask.dtype == torch.bool else 0.0
-            attention_mask = prepend_columns(attention_mask, length, attend)
+            masked = False if attention_mask.dtype == torch.bool else torch.finfo(attention_mask.dtype).min
+            attention_mask = prepend_prefix_columns(attention_mask, length, prefix.mask, attend, masked)
         if kwargs.get("position_bias") is not None:
             if bias_patch is not None:
                 kwargs["position_bias"] = bias_patch.resolve(query, key, kwargs["position_bias"], length, mode)
-            elif mode == "concatenated":
-                raise NotImplementedError(_concatenated_bias_message(module))
+            elif mode != "zero":
+                raise NotImplementedError(_concatenated_bias_message(module, mode))
             else:
                 kwargs["position_bias"] = prepend_columns(kwargs["position_bias"], length, 0.0)
         key = torch.cat([prefix_key, key], dim=2)
@@ -437,8 +476,8 @@ class PrefixAttentionFunction:
         return function
 
 
-def _concatenated_bias_message(module: nn.Module) -> str:
-    return (f"position_bias='concatenated' is implemented for T5Attention's relative position bias, not for "
+def _concatenated_bias_message(module: nn.Module, mode: str = "concatenated") -> str:
+    return (f"position_bias={mode!r} is implemented for T5Attention's relative position bias, not for "
             f"{type(module).__name__} ({type(module).__module__}). Use PrefixTuningConfig(position_bias='zero')")
 
 
@@ -469,6 +508,30 @@ def prepend_columns(tensor: torch.Tensor, count: int, fill: float | bool) -> tor
     """Return ``tensor`` with ``count`` columns of ``fill`` before its last dimension's first column."""
     columns = torch.full((*tensor.shape[:-1], count), fill, dtype=tensor.dtype, device=tensor.device)
     return torch.cat([columns, tensor], dim=-1)
+
+
+def prepend_prefix_columns(tensor: torch.Tensor, count: int, prefix_mask: torch.Tensor | None,
+                           attend: float | bool, masked: float | bool) -> torch.Tensor:
+    """Return the attention mask ``tensor`` with ``count`` prefix columns before its keys.
+
+    Args:
+        tensor: ``(batch or 1, ..., k_len)``, the mask of the real keys.
+        count: The prefix length.
+        prefix_mask: ``(batch, count)`` bool, True where a row attends to a prefix slot, or
+            ``None`` when every row attends to every slot.
+        attend: The mask value of an attended column in ``tensor``'s convention.
+        masked: The mask value of a column that is not attended.
+
+    Returns:
+        ``(batch, ..., count + k_len)``, or ``tensor``'s batch size when ``prefix_mask`` is ``None``.
+    """
+    if prefix_mask is None:
+        return prepend_columns(tensor, count, attend)
+    batch = prefix_mask.shape[0]
+    shape = (max(batch, tensor.shape[0]), *tensor.shape[1:-1], count)
+    attended = prefix_mask.to(tensor.device).view(batch, *([1] * (tensor.dim() - 2)), count).expand(shape)
+    columns = torch.full(shape, masked, dtype=tensor.dtype, device=tensor.device).masked_fill(attended, attend)
+    return torch.cat([columns, tensor.expand(*shape[:-1], tensor.shape[-1])], dim=-1)
 
 
 # -- hook patches for attention modules outside the interface --------------------------------------
@@ -508,6 +571,11 @@ class _HookPatch:
     # Whether the patch computes prefixes with position_bias="concatenated". Patches of modules
     # without a relative position bias compute the same in both modes.
     supports_concatenated_bias = True
+    # The same for position_bias="shifted".
+    supports_shifted_bias = True
+    # Whether the patch masks prefix slots per row (``CollectedPrefix.mask``), which per-row routing
+    # needs for prefixes of different lengths. The transformers 4.x patches do not.
+    supports_row_mask = False
 
     def __init__(self, module: nn.Module):
         self.module = module
@@ -526,19 +594,29 @@ class _HookPatch:
         """Collect the prefix and store its rows, ``(batch, length, heads * head_dim)``, for the projection hooks.
 
         Raises:
-            NotImplementedError: If the prefix requests ``position_bias="concatenated"`` and the
-                patch does not support it.
+            NotImplementedError: If the prefix requests ``position_bias="concatenated"`` or
+                ``"shifted"`` and the patch does not support it.
         """
         self._state.length = 0
         self._state.key_rows = None
         self._state.value_rows = None
         self._state.position_bias = "zero"
+        self._state.row_mask = None
         prefix = collect_prefix(module, query, query, query)
         if prefix is None:
             return None
-        prefix_key, prefix_value, mode = prefix
+        prefix_key, prefix_value, mode = prefix.key, prefix.value, prefix.position_bias
         if mode == "concatenated" and not self.supports_concatenated_bias:
             raise NotImplementedError(_concatenated_bias_message(module))
+        if mode == "shifted" and not self.supports_shifted_bias:
+            raise NotImplementedError(_concatenated_bias_message(module, mode))
+        if prefix.mask is not None and not self.supports_row_mask:
+            raise NotImplementedError(
+                f"prefix attention cannot mask prefix slots per row for {type(module).__name__} "
+                f"({type(module).__module__}) on transformers {transformers.__version__}, which per-row routing "
+                "needs when rows get prefixes of different lengths or none. Route rows to prefix adapters of one "
+                "prefix length, give every row an adapter, or upgrade transformers to 5")
+        self._state.row_mask = prefix.mask
         self._state.position_bias = mode
         batch, _, length, _ = prefix_key.shape
         self._state.length = length
@@ -596,6 +674,8 @@ class _MPNetPatch(_HookPatch):
     """
 
     supports_concatenated_bias = False
+    supports_shifted_bias = False
+    supports_row_mask = True
 
     def __init__(self, module: nn.Module):
         super().__init__(module)
@@ -620,7 +700,9 @@ class _MPNetPatch(_HookPatch):
             tensor = self._arguments.get(args, kwargs, name)
             if tensor is not None:
                 fill = True if tensor.dtype == torch.bool else 0.0
-                self._arguments.set(args, kwargs, name, _prepend_rows_and_columns(tensor, count, length, fill))
+                row_mask = self._state.row_mask if name == "attention_mask" else None
+                self._arguments.set(args, kwargs, name,
+                                    _prepend_rows_and_columns(tensor, count, length, fill, row_mask))
         return tuple(args), kwargs
 
     def _after(self, module: nn.Module, args: tuple, output: tuple) -> tuple | None:
@@ -650,6 +732,8 @@ class _DebertaV2Patch(_HookPatch):
     """
 
     supports_concatenated_bias = False
+    supports_shifted_bias = False
+    supports_row_mask = True
 
     def __init__(self, module: nn.Module):
         super().__init__(module)
@@ -678,7 +762,8 @@ class _DebertaV2Patch(_HookPatch):
         args, kwargs = list(args), dict(kwargs)
         mask = self._arguments.get(args, kwargs, "attention_mask")
         # DeBERTa-v2 attends where mask.bool() is True, so 1 marks the prefix columns as attended.
-        self._arguments.set(args, kwargs, "attention_mask", prepend_columns(mask, self._state.length, 1))
+        self._arguments.set(args, kwargs, "attention_mask",
+                            prepend_prefix_columns(mask, self._state.length, self._state.row_mask, 1, 0))
         return tuple(args), kwargs
 
     def _relative_attention_bias(self, query_layer: torch.Tensor, key_layer: torch.Tensor, relative_pos,
@@ -939,6 +1024,8 @@ class _T5Patch(_CachedAttentionPatch):
     key_projection = "k"
     value_projection = "v"
     cross_attention_input = "key_value_states"
+    # NOTE: position_bias="shifted" is implemented on transformers >= 5 only (_T5BiasPatch).
+    supports_shifted_bias = False
 
     def __init__(self, module: nn.Module):
         super().__init__(module)
@@ -1007,14 +1094,18 @@ class _T5BiasPatch(_HookPatch):
     An instance attribute overrides ``compute_bias`` to record its arguments, so ``resolve`` can
     compute the bias again over the key length plus the prefix length. A forward hook returns the
     bias that ``resolve`` chose to share in place of the module's own, so the next layers reuse it.
-    Without ``position_bias="concatenated"`` prefixes in the stack, the module returns its own bias,
-    as without the patch.
+    Without ``position_bias="concatenated"`` or ``"shifted"`` prefixes in the stack, the module
+    returns its own bias, as without the patch.
+
+    A bias shared in ``"shifted"`` mode carries the attribute ``adapterkit_shifted_prefix_columns``,
+    the number of prefix columns before its real-key columns, so later layers can cut it to their
+    own prefix length.
     """
 
     def __init__(self, module: nn.Module):
         super().__init__(module)
         self._handles = [
-            module.register_forward_pre_hook(self._before),
+            module.register_forward_pre_hook(self._before, with_kwargs=True),
             module.register_forward_hook(self._after, always_call=True),
         ]
         module.compute_bias = self._compute_bias
@@ -1023,9 +1114,10 @@ class _T5BiasPatch(_HookPatch):
         self.module.__dict__.pop("compute_bias", None)
         super().remove()
 
-    def _before(self, module: nn.Module, args: tuple) -> None:
+    def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._state.bias_call = None
         self._state.shared = None
+        self._state.bias_given = self._arguments.get(args, kwargs, "position_bias") is not None
 
     def _compute_bias(self, *args, **kwargs) -> torch.Tensor:
         # T5Attention.forward calls compute_bias(query_length, key_length, device=..., <past length>=...).
@@ -1043,8 +1135,20 @@ class _T5BiasPatch(_HookPatch):
                 layer, else the one that the previous layer returned.
             length: The prefix length, 0 without a prefix.
             mode: The prefix's ``position_bias``, ``"zero"`` without a prefix.
+
+        Raises:
+            NotImplementedError: In ``"shifted"`` mode, if this layer's prefix is longer than the one
+                that the stack's first layer computed the bias for.
         """
         real_length = key.shape[2]
+        shifted_columns = getattr(bias, _SHIFTED_COLUMNS_ATTRIBUTE, None)
+        if shifted_columns is not None:
+            if mode == "shifted":
+                return self._cut_shifted(bias, shifted_columns, length)
+            # The last real_length columns are the real keys' bias, the same as without a prefix.
+            bias = bias[..., shifted_columns:]
+        elif mode == "shifted":
+            return self._share_shifted(query, bias, real_length, length)
         width = bias.shape[-1]
         if mode == "concatenated" and width == real_length + length:
             # The previous layer shared a bias over a prefix of this length.
@@ -1066,6 +1170,55 @@ class _T5BiasPatch(_HookPatch):
         self._state.shared = shared
         return shared
 
+    def _share_shifted(self, query: torch.Tensor, bias: torch.Tensor, real_length: int, length: int) -> torch.Tensor:
+        """Compute the ``"shifted"`` bias ``(1, heads, q_len, length + k_len)`` and share it with the next layers.
+
+        The module's own ``compute_bias`` call runs again with ``length`` more keys and the queries
+        ``length`` positions later, as with a KV cache that contains the prefix.
+        """
+        call = getattr(self._state, "bias_call", None)
+        if call is not None:
+            shared = self._shifted_compute_bias(call, length)
+        elif not getattr(self._state, "bias_given", True):
+            # A layer without the relative bias embedding computes zeros, with a prefix cache as without.
+            shared = bias.new_zeros((1, bias.shape[1], query.shape[2], real_length + length))
+        else:
+            raise NotImplementedError(self._shifted_length_message(0, length))
+        setattr(shared, _SHIFTED_COLUMNS_ATTRIBUTE, length)
+        self._state.shared = shared
+        return shared
+
+    def _cut_shifted(self, bias: torch.Tensor, shifted_columns: int, length: int) -> torch.Tensor:
+        # Prefix column j of a prefix of `length` positions is at distance j - length - i from query i,
+        # which is column j + shifted_columns - length of the shared bias.
+        if length > shifted_columns:
+            raise NotImplementedError(self._shifted_length_message(shifted_columns, length))
+        return bias[..., shifted_columns - length:]
+
+    def _shifted_length_message(self, shared_length: int, length: int) -> str:
+        return (f"position_bias='shifted': layer {self.module.layer_idx} of this T5 stack has a prefix of {length} "
+                f"positions, but the stack's first layer computed the relative bias for {shared_length} prefix "
+                "positions, and only that layer has the relative bias embedding. Give the first block of each "
+                "prefixed stack the longest prefix (do not list it in leave_out)")
+
+    def _shifted_compute_bias(self, call: tuple[tuple, dict], length: int) -> torch.Tensor:
+        """Run the recorded ``compute_bias`` call again with ``length`` more keys and queries ``length`` later."""
+        method = type(self.module).compute_bias
+        args, kwargs = call
+        bound = inspect.signature(method).bind(self.module, *args, **kwargs)
+        bound.apply_defaults()
+        arguments = bound.arguments
+        arguments["key_length"] = arguments["key_length"] + length
+        if "past_seen_tokens" in arguments:
+            # transformers 5: the queries start at past_seen_tokens.
+            arguments["past_seen_tokens"] = arguments["past_seen_tokens"] + length
+        elif arguments.get("cache_position") is not None:
+            arguments["cache_position"] = arguments["cache_position"] + length
+        else:
+            device = arguments.get("device") or self.module.relative_attention_bias.weight.device
+            arguments["cache_position"] = torch.arange(arguments["query_length"], device=device) + length
+        return method(*bound.args, **bound.kwargs)
+
     def _after(self, module: nn.Module, args: tuple, output) -> tuple | None:
         shared = getattr(self._state, "shared", None)
         self._state.shared = None
@@ -1076,15 +1229,23 @@ class _T5BiasPatch(_HookPatch):
         return (output[0], shared, *output[2:])
 
 
+_SHIFTED_COLUMNS_ATTRIBUTE = "adapterkit_shifted_prefix_columns"
+
 _PATCH_CLASSES = {"mpnet": _MPNetPatch, "deberta-v2": _DebertaV2Patch, "distilbert": _DistilBertPatch,
                   "bert": _BertPatch, "t5": _T5Patch}
 # Patches of attention classes that call the AttentionInterface, by the same kinds.
 _INTERFACE_PATCH_CLASSES = {"t5": _T5BiasPatch}
 
 
-def _prepend_rows_and_columns(tensor: torch.Tensor, count: int, query_length: int, fill: float | bool) -> torch.Tensor:
-    """Prepend ``count`` columns of ``fill``, and ``count`` rows unless the row dimension is broadcast (size 1)."""
-    tensor = prepend_columns(tensor, count, fill)
+def _prepend_rows_and_columns(tensor: torch.Tensor, count: int, query_length: int, fill: float | bool,
+                              row_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Prepend ``count`` columns of ``fill``, and ``count`` rows unless the row dimension is broadcast (size 1).
+
+    With a ``(batch, count)`` ``row_mask``, the columns of the slots a row does not attend get the
+    additive mask's minimum (or False) instead of ``fill``.
+    """
+    masked = False if tensor.dtype == torch.bool else torch.finfo(tensor.dtype).min
+    tensor = prepend_prefix_columns(tensor, count, row_mask, fill, masked)
     if tensor.shape[-2] != query_length:
         return tensor
     rows = torch.full((*tensor.shape[:-2], count, tensor.shape[-1]), fill, dtype=tensor.dtype, device=tensor.device)

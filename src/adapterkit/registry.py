@@ -22,7 +22,7 @@ from torch import nn
 from .architectures import ArchitectureSpec
 from .composition import (Block, RoutedHead, as_block, branch_heads, compile_site, composed_leaves, find_fusions,
                           head_owner, is_plain_stack, leaf_names, parallel_branches, repeat_batch, routing_plan,
-                          validate)
+                          validate, within_row_leaves)
 from .config import MethodConfig
 from .fusion import (FusionEntry, anneal_temperatures, check_active_fusions, fusion_key, fusion_layer,
                      trainable_fusions)
@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")
 _BASE_HEAD_KEY = "base_head"
-# Site kinds whose hooks run composition plans; adapters with modules elsewhere run only in a Stack.
+# Site kinds whose hooks run every composition plan. Hooks at the other kinds act on whole rows, so
+# adapters with modules there run only in Stack, BatchSplit, Parallel and per-row routing.
 _COMPOSABLE_KINDS = ("sublayer", "linear")
 _ROUTING_KEYWORD = "adapter_names"
 
@@ -282,7 +283,7 @@ class AdapterRegistry:
         if kind == "final":
             return FinalSite(key, layout.submodule(self.spec.final), invert=self._has_tied_lm_head(), lookup=self.lookup)
         if kind == "prompt":
-            return PromptSite(key, self.model, self.lookup)
+            return PromptSite(key, self.model, self.lookup, causal=self.spec.stacks[0].causal)
         raise ValueError(f"Unknown site kind {kind!r}")
 
     def _update_forward_hooks(self) -> None:
@@ -380,7 +381,7 @@ class AdapterRegistry:
                 a ``Fuse`` names no fusion of the model or fuses an adapter that is not a
                 bottleneck adapter, or a merged adapter sits inside a block other than ``Stack``.
             NotImplementedError: If an adapter with prefix tuning, prompt tuning, an invertible
-                adapter or a before-head adapter sits inside a block other than ``Stack``.
+                adapter or a before-head adapter sits inside an ``Average``, ``Split`` or ``Fuse``.
         """
         block = as_block(names)
         if block is None or is_plain_stack(block):
@@ -400,22 +401,23 @@ class AdapterRegistry:
             if name in self.merged:
                 raise ValueError(f"Adapter {name!r} is merged into the base weights, so it acts on every row and "
                                  f"cannot run inside {block!r}; unmerge_adapter({name!r}) first")
+        for name in dict.fromkeys(within_row_leaves(block)):
             kinds = sorted({key[0] for key in self._pairs_by_name.get(name, {}) if key[0] not in _COMPOSABLE_KINDS})
             if kinds:
                 raise NotImplementedError(
-                    f"Adapter {name!r} has modules at {', '.join(kinds)} sites, which run only in a Stack, but it "
-                    f"sits inside {block!r}. Composition covers bottleneck adapters, LoRA and (IA)^3")
+                    f"Adapter {name!r} has modules at {', '.join(kinds)} sites, which act on whole rows, but it "
+                    f"sits inside an Average, Split or Fuse in {block!r}. Those blocks cover bottleneck adapters, "
+                    "LoRA and (IA)^3; Stack, BatchSplit and Parallel cover every method")
 
     def lookup(self, key: tuple) -> Any:
         """Return what runs at site ``key`` in the current forward.
 
-        That is a list of (config, module) pairs, run in order, or, at sublayer and linear sites
-        under a composition block or per-row routing, a plan for ``composition.run_plan``.
+        That is a list of (config, module) pairs, run in order, or, under a composition block or
+        per-row routing, a plan. Sublayer and linear sites run it with ``composition.run_plan``, and
+        the sites of whole-row methods read it per row group with ``composition.row_pairs``.
         """
         state = self._current_state()
         if state is not None and state.routing is not None:
-            if key[0] not in _COMPOSABLE_KINDS:
-                return []
             return routing_plan(state.routing, lambda name: self._pairs_by_name[name].get(key, []))
         return self._plan.get(key, [])
 
@@ -437,19 +439,14 @@ class AdapterRegistry:
             self._plan = plan
             return
         keys = {key for name in self.active for key in self._pairs_by_name.get(name, {})}
-        stacked = [name for name in leaf_names(block) if name not in composed_leaves(block)]
         for key in keys:
-            if key[0] in _COMPOSABLE_KINDS:
-                compiled = compile_site(block, lambda name: [] if name in self.merged
-                                        else self._pairs_by_name[name].get(key, []),
-                                        lambda fuse: fusion_layer(self, fuse, key))
-                if compiled is not None:
-                    plan[key] = compiled
-            else:
-                pairs = [pair for name in stacked if name not in self.merged
-                         for pair in self._pairs_by_name[name].get(key, [])]
-                if pairs:
-                    plan[key] = pairs
+            # Adapters at whole-row sites sit only in Stack, BatchSplit and Parallel (see _check_composable),
+            # so their plans contain Chain and RowSplit nodes, which those sites read with row_pairs.
+            compiled = compile_site(block, lambda name: [] if name in self.merged
+                                    else self._pairs_by_name[name].get(key, []),
+                                    lambda fuse: fusion_layer(self, fuse, key))
+            if compiled is not None:
+                plan[key] = compiled
         self._plan = plan
 
     # -- per-forward state: routing, Parallel copies, checkpointing ----------------------------------
@@ -470,7 +467,6 @@ class AdapterRegistry:
         Raises:
             ValueError: If a name is unknown, the count differs from ``batch_size``, an adapter is
                 merged, or a Parallel block is active.
-            NotImplementedError: If a named adapter has modules outside sublayer and linear sites.
         """
         if isinstance(names, str):
             raise ValueError(f"adapter_names={names!r} must be a list with one adapter name (or None) per row")
@@ -488,11 +484,6 @@ class AdapterRegistry:
         if self.active_block is not None and parallel_branches(self.active_block) is not None:
             raise ValueError(f"The active block {self.active_block!r} repeats the input per branch, which per-row "
                              "routing cannot combine with; activate a Stack or None first")
-        for name in dict.fromkeys(n for n in names if n is not None):
-            kinds = sorted({key[0] for key in self._pairs_by_name[name] if key[0] not in _COMPOSABLE_KINDS})
-            if kinds:
-                raise NotImplementedError(f"Adapter {name!r} has modules at {', '.join(kinds)} sites, which per-row "
-                                          "routing does not cover; it covers bottleneck adapters, LoRA and (IA)^3")
         return names
 
     @contextlib.contextmanager

@@ -269,16 +269,24 @@ def extend_inputs(inputs: dict[str, Any], modules: Sequence[PromptTuning], embed
 
     if mask is not None:
         inputs["attention_mask"] = _insert_mask(mask, offsets, length)
-    cache_position = inputs.get("cache_position")
-    if cache_position is not None:
-        # Indices into the KV cache (transformers 4.57), shared by every row, so the prompt goes first.
-        shifted = cache_position + length
-        if starts_sequence:
-            prompt_indices = cache_position[:1] + torch.arange(length, device=cache_position.device,
-                                                               dtype=cache_position.dtype)
-            shifted = torch.cat([prompt_indices, shifted])
-        inputs["cache_position"] = shifted
+    _shift_cache_position(inputs, length, starts_sequence)
     return True
+
+
+def _shift_cache_position(inputs: dict[str, Any], length: int, starts_sequence: bool) -> None:
+    """Move ``cache_position`` past a prompt block of ``length`` slots, and index the block on the first step.
+
+    The indices point into the KV cache (transformers 4.57) and every row shares them, so the prompt goes first.
+    """
+    cache_position = inputs.get("cache_position")
+    if cache_position is None:
+        return
+    shifted = cache_position + length
+    if starts_sequence:
+        prompt_indices = cache_position[:1] + torch.arange(length, device=cache_position.device,
+                                                           dtype=cache_position.dtype)
+        shifted = torch.cat([prompt_indices, shifted])
+    inputs["cache_position"] = shifted
 
 
 def _insert_token_inputs(inputs: dict[str, Any], offsets: torch.Tensor, length: int, sequence_length: int,
@@ -314,4 +322,242 @@ def extend_cross_attention_mask(inputs: dict[str, Any], length: int) -> bool:
         return False
     offsets = _leading_padding(mask, mask.shape[0], mask.device)
     inputs["encoder_attention_mask"] = _insert_mask(mask, offsets, length)
+    return True
+
+
+# -- per-row routing -----------------------------------------------------------------------------------
+#
+# Under per-row routing (and BatchSplit or Parallel), each row reads the prompts of its own adapters,
+# whose total length differs between rows (a row with no adapter has none). Every row gets a block
+# of ``longest`` slots instead: its prompt plus ``longest - length`` padding slots that the attention
+# mask hides. Where the padding slots go keeps each row's output equal to the row alone:
+#
+# - Causal models (``padding_first=True``) put them before the prompt, as more left padding. Their
+#   classifiers read the last position, and causal attention lets no earlier position see later
+#   ones. Without given position ids, the model would count the padding slots, so the rows get
+#   position ids that skip them.
+# - Encoders (``padding_first=False``) put them at the end of the row, after the caller's tokens and
+#   padding. Their classifiers read position 0 (BERT) or the decoder (T5), and the positions of the
+#   prompt and the tokens stay those of the row alone, also under T5's relative position bias.
+
+
+def row_prompt_lengths(groups: Sequence[tuple[torch.Tensor, Sequence[PromptTuning]]], batch_size: int,
+                       device: torch.device) -> torch.Tensor:
+    """Return the ``(batch_size,)`` total prompt length of each row, from ``(rows, modules)`` groups."""
+    lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+    for rows, modules in groups:
+        lengths[rows.to(device)] = sum(module.prompt_length for module in modules)
+    return lengths
+
+
+def _block_mask(lengths: torch.Tensor, longest: int, padding_first: bool) -> torch.Tensor:
+    """Return the ``(batch, longest)`` bool mask of each row's prompt slots in its block."""
+    slots = torch.arange(longest, device=lengths.device).unsqueeze(0)
+    if padding_first:
+        return slots >= (longest - lengths).unsqueeze(1)
+    return slots < lengths.unsqueeze(1)
+
+
+def _rotate_padding_to_end(source: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor,
+                           sequence_dim: int) -> torch.Tensor:
+    """Move the ``counts[i]`` positions from ``starts[i]`` on to the end of row ``i``, keeping the order of the rest.
+
+    ``sequence_dim`` is 1 for batch-first tensors ``(batch, n, ...)`` and -1 for position ids
+    ``(..., batch, n)``.
+    """
+    if not bool(counts.any()):
+        return source
+    total = source.shape[sequence_dim]
+    target = torch.arange(total, device=source.device).unsqueeze(0)
+    starts, counts = starts.unsqueeze(1), counts.unsqueeze(1)
+    moved_start = total - counts
+    index = torch.where(target < starts, target,
+                        torch.where(target < moved_start, target + counts, starts + target - moved_start))
+    if sequence_dim == 1:
+        index = index.reshape(*index.shape, *([1] * (source.dim() - 2))).expand_as(source)
+        return source.gather(1, index)
+    return source.gather(-1, index.expand(source.shape))
+
+
+def _arrange_block(source: torch.Tensor, offsets: torch.Tensor, lengths: torch.Tensor, longest: int,
+                   padding_first: bool, sequence_dim: int) -> torch.Tensor:
+    """Move each row's block (the first ``longest`` entries of ``source``) to its place, see the notes above."""
+    arranged = _move_prompt(source, offsets, longest, sequence_dim)
+    if padding_first:
+        return arranged
+    return _rotate_padding_to_end(arranged, offsets + lengths, longest - lengths, sequence_dim)
+
+
+def _routed_prompt_block(groups: Sequence[tuple[torch.Tensor, Sequence[PromptTuning]]], lengths: torch.Tensor,
+                         longest: int, padding_first: bool, like: torch.Tensor) -> torch.Tensor:
+    """Return the ``(batch, longest, width)`` prompt blocks, zeros in the padding slots."""
+    block = like.new_zeros(like.shape[0], longest, like.shape[-1])
+    for rows, modules in groups:
+        if not modules:
+            continue
+        rows = rows.to(like.device)
+        prompts = _prompt_embeddings(modules, rows.shape[0], like)
+        padding = longest - prompts.shape[1]
+        prompts = torch.nn.functional.pad(prompts, (0, 0, padding, 0) if padding_first else (0, 0, 0, padding))
+        block = block.index_copy(0, rows, prompts)
+    return block
+
+
+def _routed_positions(positions: torch.Tensor, offsets: torch.Tensor, lengths: torch.Tensor, longest: int,
+                      padding_first: bool) -> torch.Tensor:
+    """Return given position ids ``(..., batch or 1, n)`` with each row's block inserted (before arranging).
+
+    Each row's prompt takes the positions from its first attended token on, and its tokens move up
+    by its own prompt length. Padding slots repeat a neighbouring prompt position.
+    """
+    batch_size = offsets.shape[0]
+    if positions.shape[-2] != batch_size:
+        positions = positions.expand(*positions.shape[:-2], batch_size, positions.shape[-1])
+    first_token = offsets.clamp(max=positions.shape[-1] - 1).unsqueeze(1).expand(*positions.shape[:-1], 1)
+    start = positions.gather(-1, first_token)
+    slots = torch.arange(longest, device=positions.device, dtype=positions.dtype).unsqueeze(0)
+    row_lengths = lengths.to(positions.dtype).unsqueeze(1)
+    within = slots - (longest - row_lengths) if padding_first else slots
+    within = torch.minimum(within.clamp(min=0), (row_lengths - 1).clamp(min=0))
+    return torch.cat([start + within, positions + row_lengths], dim=-1)
+
+
+def _skip_padding_positions(total: int, offsets: torch.Tensor, extras: torch.Tensor, past: int) -> torch.Tensor:
+    """Return ``(batch, total)`` position ids that count every position except each row's padding slots.
+
+    Position ``j`` gets ``past + j`` before the row's offset and ``past + j - extras`` after its
+    padding slots, which start at the offset. The slots repeat the position of the offset.
+    """
+    target = torch.arange(total, device=offsets.device).unsqueeze(0)
+    offsets, extras = offsets.unsqueeze(1), extras.unsqueeze(1)
+    positions = torch.where(target < offsets, target, (target - extras).clamp(min=offsets))
+    return positions + past
+
+
+def extend_routed_inputs(inputs: dict[str, Any], groups: Sequence[tuple[torch.Tensor, Sequence[PromptTuning]]],
+                         embeddings: nn.Module, token_labels: bool = False, padding_first: bool = True,
+                         takes_position_ids: bool = True) -> bool:
+    """Rewrite the forward arguments ``inputs`` in place so that each row reads its own prompts.
+
+    The per-row counterpart of ``extend_inputs``, with the same contract (see the module docstring)
+    and the padding slots described above this function.
+
+    Args:
+        inputs: The forward's arguments by name, as for ``extend_inputs``.
+        groups: ``(rows, modules)``: the batch rows ``(n,)`` and the prompts they read, in order.
+            Together the groups cover every row once; a row with no prompt has empty ``modules``.
+        embeddings: The module that embeds ``input_ids``.
+        token_labels: Whether ``labels`` has one entry per token, so the block needs ignored labels.
+        padding_first: Put the padding slots before the prompt (causal models) or at the end of
+            the row (encoders).
+        takes_position_ids: Whether the forward takes ``position_ids``, which causal models need
+            to skip the padding slots when the caller gave none.
+
+    Returns:
+        Whether ``inputs`` changed.
+
+    Raises:
+        ValueError: If the attention mask is not 2-D.
+    """
+    input_ids = inputs.get("input_ids")
+    inputs_embeds = inputs.get("inputs_embeds")
+    if input_ids is None and inputs_embeds is None:
+        return False
+    reference = input_ids if input_ids is not None else inputs_embeds
+    batch_size = reference.shape[0]
+    lengths = row_prompt_lengths(groups, batch_size, reference.device)
+    longest = int(lengths.max()) if batch_size else 0
+    if not longest:
+        return False
+    extras = longest - lengths
+    uneven = bool(extras.any())
+    cache = next((inputs[key] for key in CACHE_KEYWORDS if inputs.get(key) is not None), None)
+    cached = cache_length(cache)
+    starts_sequence = cached == 0
+    mask = inputs.get("attention_mask")
+    if mask is not None:
+        _validate_mask(mask, "attention_mask")
+    offsets = _leading_padding(mask, batch_size, reference.device)
+
+    def arrange(source: torch.Tensor, sequence_dim: int = 1) -> torch.Tensor:
+        return _arrange_block(source, offsets, lengths, longest, padding_first, sequence_dim)
+
+    given_positions = inputs.get("position_ids")
+    if starts_sequence:
+        if inputs_embeds is None:
+            inputs_embeds = embeddings(input_ids)
+        block = _routed_prompt_block(groups, lengths, longest, padding_first, inputs_embeds)
+        sequence_length = inputs_embeds.shape[1]
+        inputs["inputs_embeds"] = arrange(torch.cat([block, inputs_embeds], dim=1))
+        inputs["input_ids"] = None
+        _insert_routed_token_inputs(inputs, arrange, lengths, longest, padding_first, sequence_length, token_labels)
+        if given_positions is not None:
+            inputs["position_ids"] = arrange(_routed_positions(given_positions, offsets, lengths, longest,
+                                                               padding_first), sequence_dim=-1)
+        elif padding_first and uneven and takes_position_ids:
+            inputs["position_ids"] = _skip_padding_positions(longest + sequence_length, offsets, extras, past=0)
+    elif given_positions is not None:
+        inputs["position_ids"] = given_positions + lengths.to(given_positions.dtype).unsqueeze(1)
+    elif padding_first and uneven and takes_position_ids:
+        # The cache holds every row's whole block, so each row's own count is ``extras`` lower.
+        steps = torch.arange(reference.shape[1], device=reference.device).unsqueeze(0)
+        inputs["position_ids"] = cached - extras.unsqueeze(1) + steps
+
+    if mask is None and uneven:
+        mask = torch.ones(batch_size, cached - (longest if not starts_sequence else 0) + reference.shape[1],
+                          dtype=torch.long, device=reference.device)
+    if mask is not None:
+        block_mask = _block_mask(lengths, longest, padding_first).to(mask.dtype)
+        inputs["attention_mask"] = arrange(torch.cat([block_mask, mask], dim=1))
+    _shift_cache_position(inputs, longest, starts_sequence)
+    return True
+
+
+def _insert_routed_token_inputs(inputs: dict[str, Any], arrange: Any, lengths: torch.Tensor, longest: int,
+                                padding_first: bool, sequence_length: int, token_labels: bool) -> None:
+    """Give the blocks zeros in ``token_type_ids`` and ignored ``labels``, and shift question-answering spans."""
+    token_type_ids = inputs.get("token_type_ids")
+    if token_type_ids is not None:
+        zeros = token_type_ids.new_zeros(token_type_ids.shape[0], longest)
+        inputs["token_type_ids"] = arrange(torch.cat([zeros, token_type_ids], dim=1))
+    labels = inputs.get("labels")
+    if token_labels and labels is not None and labels.dim() >= 2 and labels.shape[1] == sequence_length:
+        ignored = labels.new_full((labels.shape[0], longest, *labels.shape[2:]), IGNORE_INDEX)
+        inputs["labels"] = arrange(torch.cat([ignored, labels], dim=1))
+    # Padding slots before the prompt move the tokens by the whole block, slots at the end only by the prompt.
+    shift = longest if padding_first else lengths
+    for name in ("start_positions", "end_positions"):
+        if inputs.get(name) is not None:
+            inputs[name] = inputs[name] + shift
+
+
+def extend_routed_cross_attention_mask(inputs: dict[str, Any], lengths: torch.Tensor) -> bool:
+    """Insert each row's block into a decoder's ``encoder_attention_mask``, as the encoder got it.
+
+    The encoder's blocks put their padding slots at the end of the row (``padding_first=False``).
+    Without a mask, one is made when the blocks have padding slots, so the decoder does not attend to them.
+
+    Args:
+        inputs: The decoder's forward arguments by name.
+        lengths: ``(batch,)`` prompt lengths of the decoder's rows.
+
+    Returns:
+        Whether ``inputs`` changed.
+    """
+    mask = inputs.get("encoder_attention_mask")
+    states = inputs.get("encoder_hidden_states")
+    longest = int(lengths.max()) if lengths.numel() else 0
+    if not isinstance(states, torch.Tensor) or not longest:
+        return False
+    if mask is None:
+        if not bool((lengths != longest).any()):
+            return False
+        mask = torch.ones(states.shape[0], states.shape[1] - longest, dtype=torch.long, device=states.device)
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[-1] + longest != states.shape[1]:
+        return False
+    lengths = lengths.to(mask.device)
+    offsets = _leading_padding(mask, mask.shape[0], mask.device)
+    block_mask = _block_mask(lengths, longest, padding_first=False).to(mask.dtype)
+    inputs["encoder_attention_mask"] = _arrange_block(torch.cat([block_mask, mask], dim=1), offsets, lengths,
+                                                      longest, padding_first=False, sequence_dim=1)
     return True
