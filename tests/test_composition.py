@@ -96,7 +96,7 @@ def test_two_parallel_blocks_rejected(tiny_model):
 def test_prefix_inside_average_not_implemented(tiny_model):
     model = adapter_model(tiny_model, "bert", "pfeiffer")
     model.add_adapter("p", "prefix_tuning")
-    with pytest.raises(NotImplementedError, match="'p' has modules at prefix"):
+    with pytest.raises(ValueError, match="'p' has modules at prefix"):
         model.set_active_adapters(Average("a", "p"))
 
 

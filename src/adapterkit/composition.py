@@ -30,7 +30,7 @@
 
 Per-row routing (``model(**inputs, adapter_names=[...])``), ``Stack``, ``BatchSplit`` and
 ``Parallel`` run adapters of every method. Adapters that act on whole rows (prefix and prompt
-tuning, invertible and before-head adapters) raise ``NotImplementedError`` inside ``Average``,
+tuning, invertible and before-head adapters) raise ``ValueError`` at activation inside ``Average``,
 ``Split`` and ``Fuse``, which mix values within a row.
 
 ``ALLOWED`` is the table of which block may contain which. Activating any other nesting raises a

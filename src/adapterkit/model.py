@@ -90,10 +90,10 @@ class AdapterModelMixin:
         or ``Parallel("a", "b")``; see ``adapterkit.composition``. A list of names is a ``Stack``.
 
         Raises:
-            ValueError: If an adapter is unknown, the block nests blocks it cannot contain, or a
-                ``Fuse`` names no fusion added with ``add_adapter_fusion``.
-            NotImplementedError: For prefix tuning, prompt tuning, invertible and before-head
-                adapters inside an ``Average``, ``Split`` or ``Fuse``, blocks that mix values within a row.
+            ValueError: If an adapter is unknown, the block nests blocks it cannot contain, a
+                ``Fuse`` names no fusion added with ``add_adapter_fusion``, or prefix tuning, prompt
+                tuning, invertible or before-head adapters sit inside an ``Average``, ``Split`` or
+                ``Fuse``, blocks that mix values within a row.
         """
         self._adapterkit.set_active(names if isinstance(names, Block) else _as_names(names))
 

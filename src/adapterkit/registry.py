@@ -380,8 +380,9 @@ class AdapterRegistry:
             ValueError: If an adapter is unknown, a block nests another one that it cannot contain,
                 a ``Fuse`` names no fusion of the model or fuses an adapter that is not a
                 bottleneck adapter, or a merged adapter sits inside a block other than ``Stack``.
-            NotImplementedError: If an adapter with prefix tuning, prompt tuning, an invertible
-                adapter or a before-head adapter sits inside an ``Average``, ``Split`` or ``Fuse``.
+            ValueError: Also if an adapter with prefix tuning, prompt tuning, an invertible adapter
+                or a before-head adapter sits inside an ``Average``, ``Split`` or ``Fuse``, which mix
+                values within a row at one site, while those methods change a whole row.
         """
         block = as_block(names)
         if block is None or is_plain_stack(block):
@@ -404,7 +405,7 @@ class AdapterRegistry:
         for name in dict.fromkeys(within_row_leaves(block)):
             kinds = sorted({key[0] for key in self._pairs_by_name.get(name, {}) if key[0] not in _COMPOSABLE_KINDS})
             if kinds:
-                raise NotImplementedError(
+                raise ValueError(
                     f"Adapter {name!r} has modules at {', '.join(kinds)} sites, which act on whole rows, but it "
                     f"sits inside an Average, Split or Fuse in {block!r}. Those blocks cover bottleneck adapters, "
                     "LoRA and (IA)^3; Stack, BatchSplit and Parallel cover every method")
