@@ -353,12 +353,14 @@ class LinearSite(Site):
         start = self.reference.part * width
         whole = parts == 1
         piece = output if whole else output[..., start:start + width]
+        # Without autograd and composition, nothing but this hook reads the layer's fresh output.
+        inplace = whole and isinstance(plan, list) and not torch.is_grad_enabled()
 
         def apply(pairs: list, part_piece: torch.Tensor, select: Select) -> torch.Tensor:
             part_input = select(args[0])
             for config, adapter in pairs:
                 if isinstance(config, LoRAConfig):
-                    part_piece = part_piece + adapter(part_input)
+                    part_piece = adapter.add_to(part_piece, part_input, inplace=inplace)
                 elif isinstance(config, IA3Config) and not self._scales_input(config):
                     part_piece = adapter(part_piece)
             return part_piece

@@ -258,3 +258,42 @@ def test_float32_module_follows_input_dtype():
 
     assert lora.lora_A.dtype == torch.float32
     assert delta.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_add_to_equals_sum(inplace):
+    torch.manual_seed(0)
+    lora = LoRA(16, 12, r=4, alpha=8, init_weights="bert")
+    x = torch.randn(3, 5, 16)
+    output = torch.randn(3, 5, 12)
+    expected = output + (x @ lora.lora_A.T @ lora.lora_B.T) * 2.0
+
+    with torch.no_grad():
+        result = lora.add_to(output.clone(), x, inplace=inplace)
+
+    torch.testing.assert_close(result, expected, atol=1e-6, rtol=0)
+
+
+def test_add_to_keeps_output_unless_inplace():
+    lora = LoRA(16, 12, r=4, alpha=4, init_weights="bert")
+    x, output = torch.randn(2, 16), torch.randn(2, 12)
+    original = output.clone()
+    with torch.no_grad():
+        lora.add_to(output, x)
+    assert torch.equal(output, original)
+    with torch.no_grad():
+        returned = lora.add_to(output, x, inplace=True)
+    assert returned is output
+    assert not torch.equal(output, original)
+
+
+def test_add_to_gradients_match_forward():
+    torch.manual_seed(1)
+    lora = LoRA(16, 12, r=4, alpha=4, init_weights="bert")
+    x, output = torch.randn(3, 16), torch.randn(3, 12)
+    (output + lora(x)).pow(2).sum().backward()
+    expected = [lora.lora_A.grad.clone(), lora.lora_B.grad.clone()]
+    lora.zero_grad()
+    lora.add_to(output, x).pow(2).sum().backward()
+    torch.testing.assert_close(lora.lora_A.grad, expected[0])
+    torch.testing.assert_close(lora.lora_B.grad, expected[1])

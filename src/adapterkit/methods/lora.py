@@ -108,23 +108,27 @@ class LoRA(nn.Module):
             delta = delta * self.gate_values(x)
         return delta
 
-    def add_to(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def add_to(self, output: torch.Tensor, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         """Compute ``output + forward(x)``, with the scaling and the sum inside one matrix product where possible.
 
         Args:
             output: The wrapped layer's output, ``(..., out_features)``.
             x: The wrapped layer's input, ``(..., in_features)``.
+            inplace: Add into ``output`` itself. Only for a fresh output that nothing else reads,
+                outside autograd.
 
         Returns:
-            A new tensor shaped like ``output``.
+            ``output`` itself when ``inplace`` applies, otherwise a new tensor shaped like ``output``.
         """
         if self.gate is not None or output.dtype != x.dtype or not output.is_contiguous():
             return output + self(x)
         hidden = F.linear(self.dropout(x), self.lora_A.to(x.dtype)).reshape(-1, self.r)
-        # Out of place: composition blocks such as Average pass one output tensor to several adapters.
-        flat = torch.addmm(output.reshape(-1, self.out_features), hidden, self.lora_B.to(x.dtype).T,
-                           alpha=self.scaling)
-        return flat.view(output.shape)
+        flat = output.reshape(-1, self.out_features)
+        lora_B = self.lora_B.to(x.dtype).T
+        if inplace:
+            flat.addmm_(hidden, lora_B, alpha=self.scaling)
+            return output
+        return torch.addmm(flat, hidden, lora_B, alpha=self.scaling).view(output.shape)
 
     def gate_values(self, x: torch.Tensor) -> torch.Tensor:
         """Compute the UniPELT gate ``sigmoid(gate(x))`` of every position, in ``(0, 1)``.
