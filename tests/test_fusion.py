@@ -339,7 +339,7 @@ def test_parallel_branch_with_fusion(tiny_model, tiny_inputs):
 
 
 def test_generate_with_fusion_uses_cache_correctly(tiny_inputs):
-    # Each decoding step with the KV cache sees one position, and must continue as a full recomputation does.
+    # With the KV cache each decoding step reads one new position and must match a full recomputation.
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=99, n_positions=64, pad_token_id=0,
                                      bos_token_id=1, eos_token_id=1)

@@ -75,7 +75,7 @@ class FeedForwardShape:
     non-linearity then adds units to the sublayer (see ``adapterkit.merge``) and updates ``width``.
 
     Attributes:
-        width: Name of the model config field that holds the sublayer's inner width.
+        width: Name of the model config field with the sublayer's inner width.
         activation: Name of the model config field that names ``act``.
     """
 

@@ -597,8 +597,8 @@ def row_pairs(plan: SitePlan | list | None, batch_size: int, device: torch.devic
         device: The device of the returned row indices.
 
     Returns:
-        ``(rows, pairs)`` groups that cover every row once; ``rows`` is a 1-D long tensor of row
-        numbers, in increasing order, and ``pairs`` is empty for rows that run no adapter.
+        ``(rows, pairs)`` groups that cover every row once. ``rows`` is a 1-D long tensor of row
+        numbers in increasing order. ``pairs`` is empty for rows that run no adapter.
 
     Raises:
         ValueError: If a ``RowSplit`` does not fit the batch size.

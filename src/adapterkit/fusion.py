@@ -474,7 +474,7 @@ def load_fusion(registry: AdapterRegistry, directory: str | os.PathLike, load_as
     The fused adapters must be on the model already, under the names the fusion was saved with.
 
     Raises:
-        FileNotFoundError: If the folder holds no fusion checkpoint or misses a file.
+        FileNotFoundError: If the folder contains no fusion checkpoint or a file of it is missing.
         ValueError: If the fusion does not fit this model or its adapters, or its name is taken.
     """
     directory = Path(directory)

@@ -1376,7 +1376,22 @@ def write_adapters(registry: AdapterRegistry, name: str, directory: str | os.Pat
         "name": name,
         "version": WRITTEN_VERSION,
     }
-    weights_files = (SAFE_WEIGHTS_FILE, WEIGHTS_FILE) if safetensors else (WEIGHTS_FILE, SAFE_WEIGHTS_FILE)
+    _write_folder(registry, directory, name, tensors, (WEIGHTS_FILE, SAFE_WEIGHTS_FILE), description, CONFIG_FILE,
+                  safetensors)
+    logger.info("Wrote adapter %r as an adapters checkpoint to %s", name, directory)
+    return directory
+
+
+def _write_folder(registry: AdapterRegistry, directory: Path, name: str, tensors: dict[str, torch.Tensor],
+                  weights_names: tuple[str, str], description: dict[str, Any], config_name: str,
+                  safetensors: bool) -> None:
+    """Write the weights, the head files of ``name`` and the config of an ``adapters`` folder.
+
+    ``weights_names`` is ``(.bin name, .safetensors name)``: the chosen one is written and the other one
+    removed, so a folder never contains two weight files that disagree. The head files follow the same rule.
+    """
+    bin_name, safe_name = weights_names
+    weights_files = (safe_name, bin_name) if safetensors else (bin_name, safe_name)
     _save_tensors(tensors, directory / weights_files[0], safetensors)
     (directory / weights_files[1]).unlink(missing_ok=True)
     head = _head_files(registry, name)
@@ -1386,12 +1401,10 @@ def write_adapters(registry: AdapterRegistry, name: str, directory: str | os.Pat
                                                                                      SAFE_HEAD_WEIGHTS_FILE)
         _save_tensors(head_tensors, directory / head_files[0], safetensors)
         (directory / head_files[1]).unlink(missing_ok=True)
-        text = json.dumps(head_description, indent=2, sort_keys=True)
-        write_atomically(directory / HEAD_CONFIG_FILE, lambda path: path.write_text(text, encoding="utf-8"))
+        head_text = json.dumps(head_description, indent=2, sort_keys=True)
+        write_atomically(directory / HEAD_CONFIG_FILE, lambda path: path.write_text(head_text, encoding="utf-8"))
     text = json.dumps(description, indent=2, sort_keys=True)
-    write_atomically(directory / CONFIG_FILE, lambda path: path.write_text(text, encoding="utf-8"))
-    logger.info("Wrote adapter %r as an adapters checkpoint to %s", name, directory)
-    return directory
+    write_atomically(directory / config_name, lambda path: path.write_text(text, encoding="utf-8"))
 
 
 # -- AdapterFusion ----------------------------------------------------------------------------------
@@ -1578,20 +1591,7 @@ def write_adapters_fusion(registry: AdapterRegistry, name: str, directory: str |
         "name": name,
         "version": WRITTEN_VERSION,
     }
-    bin_name, safe_name = FUSION_WEIGHTS_FILES
-    weights_files = (safe_name, bin_name) if safetensors else (bin_name, safe_name)
-    _save_tensors(tensors, directory / weights_files[0], safetensors)
-    (directory / weights_files[1]).unlink(missing_ok=True)
-    head = _head_files(registry, name)
-    if head is not None:
-        head_description, head_tensors = head
-        head_files = (SAFE_HEAD_WEIGHTS_FILE, HEAD_WEIGHTS_FILE) if safetensors else (HEAD_WEIGHTS_FILE,
-                                                                                     SAFE_HEAD_WEIGHTS_FILE)
-        _save_tensors(head_tensors, directory / head_files[0], safetensors)
-        (directory / head_files[1]).unlink(missing_ok=True)
-        text = json.dumps(head_description, indent=2, sort_keys=True)
-        write_atomically(directory / HEAD_CONFIG_FILE, lambda path: path.write_text(text, encoding="utf-8"))
-    text = json.dumps(description, indent=2, sort_keys=True)
-    write_atomically(directory / FUSION_CONFIG_FILE, lambda path: path.write_text(text, encoding="utf-8"))
+    _write_folder(registry, directory, name, tensors, FUSION_WEIGHTS_FILES, description, FUSION_CONFIG_FILE,
+                  safetensors)
     logger.info("Wrote fusion %r as an adapters checkpoint to %s", name, directory)
     return directory

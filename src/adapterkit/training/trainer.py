@@ -294,7 +294,7 @@ def fit(
     has as many steps as all tasks have batches (``data.task_schedule``):
 
     - ``"round_robin"``: the tasks take turns in dict order. A task whose batches have run out
-      leaves the rotation, so each task sees each of its examples once per epoch.
+      leaves the rotation, so each task trains on each of its examples once per epoch.
     - ``"proportional"``: each step draws its task with probability proportional to the task's
       number of examples, from a generator seeded with ``seed``. A task that is drawn more often
       than it has batches starts a new shuffled pass over its data. The rest of a started pass is
