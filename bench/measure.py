@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import resource
 import shutil
 import tempfile
@@ -97,3 +98,77 @@ def checkpoint_size(save) -> dict[str, object]:
         }
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def _load_mallinfo2():
+    try:
+        function = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    function.restype = _MallInfo2
+    return function
+
+
+_MALLINFO2 = _load_mallinfo2()
+
+
+def heap_in_use_bytes() -> int | None:
+    """Return the bytes that glibc's malloc has handed out and not had back, or ``None`` off glibc 2.33+.
+
+    This counts live allocations only (``uordblks`` over all arenas plus memory-mapped chunks,
+    ``hblkhd``). The resident set size also contains freed memory that malloc keeps for reuse, which
+    depends on the order of past allocations more than on how much is live.
+    """
+    if _MALLINFO2 is None:
+        return None
+    info = _MALLINFO2()
+    return info.uordblks + info.hblkhd
+
+
+def heap_peak_of_training_step(model: nn.Module, batch: dict[str, torch.Tensor],
+                               parameters: list[nn.Parameter]) -> dict[str, float] | None:
+    """Run one training step (as ``time_training`` does) and return its live-heap peak in MiB.
+
+    The heap in use is read after every aten operation of the forward, the backward and the optimizer
+    step, so a peak inside one operation (a temporary it frees before returning) is missed alike for
+    every library. Returns ``{"at_rest": ..., "peak": ...}``, where ``at_rest`` is the heap in use
+    before the step (weights, optimizer state), or ``None`` where ``heap_in_use_bytes`` is unavailable.
+    Call it after at least one step, so the optimizer state exists.
+    """
+    if heap_in_use_bytes() is None:
+        return None
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    peak = 0
+
+    class HeapWatch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            nonlocal peak
+            output = func(*args, **(kwargs or {}))
+            peak = max(peak, heap_in_use_bytes())
+            return output
+
+    model.train()
+    optimizer = torch.optim.AdamW(parameters, lr=1e-4) if parameters else None
+    if optimizer is not None:
+        # Fill AdamW's state first, so that the "at rest" reading includes it, as during a timed step.
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    at_rest = heap_in_use_bytes()
+    peak = at_rest
+    with HeapWatch():
+        loss = model(**batch).loss
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+    del loss
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+    return {"at_rest": at_rest / 2**20, "peak": peak / 2**20}

@@ -137,6 +137,14 @@ class Configuration:
                 gpu.append(stage["gpu_peak_allocated"])
         return (max(peaks) if peaks else None, max(increases) if increases else None, max(gpu) if gpu else None)
 
+    def heap_peak(self) -> tuple[float | None, float | None]:
+        """Return the highest live-heap peak of a training step and its increase over the heap at rest, in MiB."""
+        readings = [run["train_heap_mib"] for run in self.runs if run.get("train_heap_mib")]
+        if not readings:
+            return None, None
+        return (max(reading["peak"] for reading in readings),
+                max(reading["peak"] - reading["at_rest"] for reading in readings))
+
     def errors(self) -> dict[str, str]:
         found: dict[str, str] = {}
         for run in self.runs:
@@ -222,25 +230,27 @@ def _label(library: str, method: str) -> tuple[str, str]:
 
 def measurement_table(groups: dict, model: str, gpu: bool) -> list[str]:
     header = ["method", "library", "train step ms", "inference ms", "merged inference ms", "peak RSS MiB",
-              "RSS increase MiB", "trainable (head)", "checkpoint KiB", "status"]
+              "RSS increase MiB", "step heap peak MiB (over rest)", "trainable (head)", "checkpoint KiB", "status"]
     if gpu:
-        header.insert(7, "GPU peak MiB")
+        header.insert(8, "GPU peak MiB")
     rows = []
     for (group_model, library, method), configuration in groups.items():
         if group_model != model:
             continue
         peak, increase, gpu_peak = configuration.peak_memory()
+        heap_peak, heap_increase = configuration.heap_peak()
         method_text, library_text = _label(library, method)
         trainable = configuration.first("trainable_parameters")
         head = configuration.first("trainable_head_parameters")
         row = [method_text, library_text, _milliseconds(configuration.timing("train_step_s")),
                _milliseconds(configuration.timing("inference_s")),
                _milliseconds(configuration.timing("merged_inference_s")), _mebibytes(peak), _mebibytes(increase),
+               "-" if heap_peak is None else f"{heap_peak:,.0f} ({heap_increase:,.0f})",
                "-" if trainable is None else f"{trainable:,} ({_count(head)})",
                _kibibytes(configuration.first("checkpoint"), configuration.first("other_checkpoints")),
                _status(configuration)]
         if gpu:
-            row.insert(7, _mebibytes(gpu_peak))
+            row.insert(8, _mebibytes(gpu_peak))
         rows.append(row)
     return _table(header, rows)
 
@@ -269,6 +279,8 @@ def peer_ratio_rows(groups: dict, model: str) -> list[list[str]]:
                 continue
             my_peak, _, _ = mine.peak_memory()
             their_peak, _, _ = theirs.peak_memory()
+            my_heap, _ = mine.heap_peak()
+            their_heap, _ = theirs.heap_peak()
             my_size = (mine.first("checkpoint") or {}).get("bytes")
             their_size = (theirs.first("checkpoint") or {}).get("bytes")
             rows.append([method, peer,
@@ -276,6 +288,7 @@ def peer_ratio_rows(groups: dict, model: str) -> list[list[str]]:
                          ratio_text(mine.timing("inference_s"), theirs.timing("inference_s")),
                          ratio_text(mine.timing("merged_inference_s"), theirs.timing("merged_inference_s")),
                          f"{my_peak / their_peak:.2f}" if my_peak and their_peak else "n/a",
+                         f"{my_heap / their_heap:.2f}" if my_heap and their_heap else "n/a",
                          f"{my_size / their_size:.2f}" if my_size and their_size else "n/a"])
     return rows
 
@@ -456,12 +469,18 @@ def _settings_lines(document: dict) -> list[str]:
     return lines
 
 
-def render(document: dict, plot_name: str | None) -> str:
-    """Return the Markdown text of the report for a results document."""
+def render(document: dict, plot_name: str | None, findings: str = "") -> str:
+    """Return the Markdown text of the report for a results document.
+
+    ``findings`` is hand-written Markdown (what the numbers mean, what is being done about them),
+    placed right after the title.
+    """
     groups = group_runs(document)
     models = list(dict.fromkeys(model for model, _, _ in groups))
     gpu = document["settings"]["device"].startswith("cuda")
     lines = ["# adapterkit benchmark results", ""]
+    if findings.strip():
+        lines += [findings.strip(), ""]
     if document.get("smoke"):
         lines += ["> **SMOKE RUN.** Tiny models (hidden 64, 2 layers; MiniLM at its real size), batch 2, length 16, "
                   "few steps, on a shared machine. These numbers only show that the pipeline works; they say "
@@ -473,7 +492,11 @@ def render(document: dict, plot_name: str | None) -> str:
               "[first-third quartile] over the timed steps, and {lowest-highest median} over reruns when there "
               "were reruns. A ratio is marked \"within noise\" when the two noise intervals overlap (see "
               "bench/report.py). Peak RSS includes Python, torch and the library's imports; \"RSS increase\" is the "
-              "peak minus the resident memory after the adapter was added. \"trainable (head)\" counts trainable "
+              "peak minus the resident memory after the adapter was added. \"Step heap peak\" is the most memory "
+              "live at once during one training step (weights, optimizer state, activations, gradients), with its "
+              "increase over the memory live before the step in brackets; unlike the RSS it leaves out freed memory "
+              "that malloc keeps for reuse, whose amount depends on the order of earlier allocations. "
+              "\"trainable (head)\" counts trainable "
               "parameters, of which the classification head is in brackets.", ""]
 
     lines += ["## Workloads and hyper-parameters", ""]
@@ -497,7 +520,7 @@ def render(document: dict, plot_name: str | None) -> str:
         if peer_rows:
             lines += ["### adapterkit / peer", ""]
             lines += _table(["method", "peer", "train step", "inference", "merged inference", "peak RSS",
-                             "checkpoint size"], peer_rows) + [""]
+                             "step heap peak", "checkpoint size"], peer_rows) + [""]
         floor_rows = floor_ratio_rows(groups, model)
         if floor_rows:
             lines += ["### Against the floor, full fine-tuning and bare inference", ""]
@@ -543,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=BENCH_DIR / "RESULTS.md", help="Markdown file to write")
     parser.add_argument("--plot", type=Path, default=None,
                         help="PNG file for the ratio plot (default: ratios.png beside --output)")
+    parser.add_argument("--findings", type=Path, default=BENCH_DIR / "FINDINGS.md",
+                        help="hand-written Markdown put at the top of the report, if the file exists")
     arguments = parser.parse_args(argv)
 
     paths = arguments.results or [newest_results()]
@@ -560,7 +585,8 @@ def main(argv: list[str] | None = None) -> int:
             plot_name = str(plot_path.resolve().relative_to(arguments.output.resolve().parent))
         except ValueError:
             plot_name = str(plot_path.resolve())
-    text = render(document, plot_name)
+    findings = arguments.findings.read_text() if arguments.findings.is_file() else ""
+    text = render(document, plot_name, findings)
     text += "\nSource: " + ", ".join(f"`{path}`" for path in paths) + "\n"
     arguments.output.write_text(text)
     print(f"Wrote {arguments.output}" + (f" and {plot_path}" if plotted else " (no timing, so no plot)"))

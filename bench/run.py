@@ -136,6 +136,11 @@ def run_worker(spec: dict) -> dict:
         except Exception as error:  # noqa: BLE001
             record.fail("train", error)
         record.memory("after_train", device)
+        if device.type == "cpu" and "train" not in result["errors"]:
+            try:
+                result["train_heap_mib"] = measure.heap_peak_of_training_step(prepared.model, batch, parameters)
+            except Exception as error:  # noqa: BLE001
+                record.fail("train_heap", error)
 
     if spec["method"] != FULL_FINETUNE:
         _measure_inference(record, prepared, batch, spec, device, route_per_sample)
@@ -426,7 +431,9 @@ def main(argv: list[str] | None = None) -> int:
         "smoke": arguments.smoke,
         "settings": settings,
         "memory_method": "peak resident set size of the configuration's own process (getrusage ru_maxrss), read "
-                         "after each phase; on CUDA also torch.cuda.max_memory_allocated",
+                         "after each phase; on CPU also the live-heap peak of one extra training step after the "
+                         "timed ones (glibc mallinfo2, read after every aten operation); on CUDA also "
+                         "torch.cuda.max_memory_allocated",
         "machine": machine_description(arguments.device, arguments.threads),
         "versions": library_versions(),
         "workloads": {name: get_workload(name, arguments.smoke).__dict__ for name in arguments.models},

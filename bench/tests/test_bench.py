@@ -110,6 +110,45 @@ def test_render_smoke_report_ratios_and_errors():
     assert "![training-step ratios](ratios.png)" in text
 
 
+def test_render_puts_findings_first_and_heap_ratio_in_peer_table():
+    heap = {"ak": {"at_rest": 100.0, "peak": 300.0}, "peft": {"at_rest": 100.0, "peak": 400.0}}
+    document = _document([
+        _run("llama-128m", "adapterkit", "lora", train_step_s=[1.0], train_heap_mib=heap["ak"]),
+        _run("llama-128m", "peft", "lora", train_step_s=[1.0], train_heap_mib=heap["peft"]),
+    ])
+
+    text = report.render(document, plot_name=None, findings="## Where the targets stand\n\n- all met\n")
+
+    assert text.startswith("# adapterkit benchmark results\n\n## Where the targets stand\n\n- all met\n")
+    assert "| lora | adapterkit | 1000.0 [1000.0-1000.0] | - | - | - | - | 300 (200) |" in text
+    assert "| lora | peft | 1.00 (within noise) | n/a | n/a | n/a | 0.75 | n/a |" in text
+
+
+def test_heap_peak_grows_with_the_batch():
+    import measure
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    if measure.heap_in_use_bytes() is None:
+        pytest.skip("glibc mallinfo2 is not available here")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=128, num_labels=2)
+    model = BertForSequenceClassification(config)
+    parameters = [model.classifier.weight, model.classifier.bias]
+    model.bert.requires_grad_(False)
+
+    def peak(rows):
+        batch = {"input_ids": torch.randint(0, 100, (rows, 64)), "labels": torch.zeros(rows, dtype=torch.long)}
+        reading = measure.heap_peak_of_training_step(model, batch, parameters)
+        return reading["peak"] - reading["at_rest"]
+
+    small, large = peak(2), peak(32)
+    # The step's activations grow with the rows: 16 times the rows must show as several times the heap.
+    assert small > 0
+    assert large > 4 * small
+
+
 def test_plot_ratios_writes_png(tmp_path):
     document = _document([
         _run("llama-128m", "baseline", "frozen", train_step_s=[1.0, 1.0]),

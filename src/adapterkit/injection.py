@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -148,6 +149,25 @@ def _input_of(args: tuple, kwargs: dict, reference: InputRef) -> Any:
     return kwargs.get(reference.keyword)
 
 
+def _weak(value: Any) -> Any:
+    """Return a weak reference to ``value`` where Python allows one, else ``value`` itself.
+
+    Sites keep what a block was called with until the block's output arrives. A generation cache
+    held strongly would stay in memory after ``generate`` returns, until the next forward.
+    """
+    if value is None:
+        return None
+    try:
+        return weakref.ref(value)
+    except TypeError:  # tuples and tensors of legacy caches
+        return value
+
+
+def _strong(value: Any) -> Any:
+    """Undo ``_weak``: return the object a weak reference points to, or ``value`` itself."""
+    return value() if isinstance(value, weakref.ref) else value
+
+
 class Site:
     """Base of the hooks at one place; subclasses register their hooks in ``__init__``."""
 
@@ -210,19 +230,19 @@ class SublayerSite(Site):
     def _capture_block_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         inputs = {**dict(zip(self._block_arguments, args)), **kwargs}
         self._captured.attention_mask = next((inputs[k] for k in _MASK_KEYWORDS if inputs.get(k) is not None), None)
-        self._captured.cache = next((inputs[k] for k in _CACHE_KEYWORDS if inputs.get(k) is not None), None)
+        self._captured.cache = _weak(next((inputs[k] for k in _CACHE_KEYWORDS if inputs.get(k) is not None), None))
 
     def _capture_residual(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._captured.residual = _input_of(args, kwargs, self.residual_input)
 
     def _replace_output(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        residual_stream = getattr(self._captured, "residual", None)
+        self._captured.residual = None  # do not keep the activation alive past this forward
         plan = self.lookup(self.key)
         if not plan:
             return None
         # A list of pairs runs as a stack; a composition plan (see ``composition``) mixes or splits rows.
         adapters = plan_pairs(plan)
-        residual_stream = getattr(self._captured, "residual", None)
-        self._captured.residual = None  # do not keep the activation alive past this forward
         needs_residual = any(config.parallel or config.original_ln_before for config, _ in adapters)
         if needs_residual and residual_stream is None:
             raise RuntimeError(
@@ -234,7 +254,7 @@ class SublayerSite(Site):
         mask = cache = None
         if any(config.projection == "conv" for config, _ in adapters):
             mask = token_mask(getattr(self._captured, "attention_mask", None), hidden.shape[1], self.causal)
-            cache = getattr(self._captured, "cache", None)
+            cache = _strong(getattr(self._captured, "cache", None))
 
         def apply(pairs: list, part_hidden: torch.Tensor, select: Select) -> torch.Tensor:
             part_residual, part_mask = select(residual_stream), select(mask)
@@ -388,7 +408,8 @@ class PrefixSite(Site):
         set_prefix_source(attention, self)
         # Gated prefixes (UniPELT) compute their gate from the attention input, which sources do not receive.
         # The capture runs first because the MPNet and DeBERTa-v2 prefix pre-hooks call the source.
-        self._handles = [attention.register_forward_pre_hook(self._capture_input, with_kwargs=True, prepend=True)]
+        self._handles = [attention.register_forward_pre_hook(self._capture_input, with_kwargs=True, prepend=True),
+                         attention.register_forward_hook(self._release_input)]
 
     def remove(self) -> None:
         set_prefix_source(self.attention, None)
@@ -400,6 +421,10 @@ class PrefixSite(Site):
         # T5's attention modules name the mask ``mask``.
         mask = kwargs.get("attention_mask")
         self._captured.attention_mask = kwargs.get("mask") if mask is None else mask
+
+    def _release_input(self, module: nn.Module, args: tuple, output: Any) -> None:
+        # Keep no activation alive between forwards: it would hold memory after training and inference.
+        self._captured.hidden_states = self._captured.attention_mask = None
 
     def _gate(self, prefix: nn.Module, row: int, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Return the UniPELT gate of one layer's prefix values, ``(batch or 1, 1, 1, 1)``.
