@@ -306,11 +306,14 @@ def floor_ratio_rows(groups: dict, model: str) -> list[list[str]]:
             continue
         train = configuration.timing("train_step_s")
         method_text, _ = _label(library, method)
+        own_bare = configuration.timing("bare_inference_s")
         rows.append([method_text, library, ratio_text(train, floor_train), ratio_text(train, full_train),
                      ratio_text(configuration.timing("inference_s"), bare),
-                     ratio_text(configuration.timing("merged_inference_s"), bare)])
+                     ratio_text(configuration.timing("merged_inference_s"), bare),
+                     ratio_text(configuration.timing("inference_s"), own_bare),
+                     ratio_text(configuration.timing("merged_inference_s"), own_bare)])
     if full_train is not None:
-        rows.append(["full fine-tuning", "-", ratio_text(full_train, floor_train), "1.00", "-", "-"])
+        rows.append(["full fine-tuning", "-", ratio_text(full_train, floor_train), "1.00", "-", "-", "-", "-"])
     return rows
 
 
@@ -413,7 +416,19 @@ def _part(document: dict, source: str) -> dict:
     machine = document["machine"]
     return {"source": source, "created": document["created"], "command": document["command"],
             "elapsed_s": document.get("elapsed_s", 0.0), "load_start": machine.get("load_average_1_5_15"),
-            "load_end": machine.get("load_average_1_5_15_at_end")}
+            "load_end": machine.get("load_average_1_5_15_at_end"),
+            "commit": document["versions"].get("adapterkit_commit")}
+
+
+def _measured_code(versions: dict) -> dict:
+    """Return the versions that decide what a run measured.
+
+    Two adapterkit commits with the same ``src/`` tree measure the same code, so where both runs
+    recorded the tree, the commit itself is left out of the comparison.
+    """
+    if versions.get("adapterkit_src_tree") and not versions.get("adapterkit_src_modified"):
+        return {key: value for key, value in versions.items() if key != "adapterkit_commit"}
+    return versions
 
 
 def merge_documents(documents: list[dict], sources: list[str]) -> dict:
@@ -428,7 +443,7 @@ def merge_documents(documents: list[dict], sources: list[str]) -> dict:
     first = documents[0]
     for source, other in zip(sources[1:], documents[1:]):
         differing = [key for key in MATCHING_SETTINGS if other["settings"].get(key) != first["settings"].get(key)]
-        if other["versions"] != first["versions"]:
+        if _measured_code(other["versions"]) != _measured_code(first["versions"]):
             differing.append("versions")
         if other["machine"]["cpu_model"] != first["machine"]["cpu_model"]:
             differing.append("cpu_model")
@@ -451,7 +466,8 @@ def _settings_lines(document: dict) -> list[str]:
     machine = document["machine"]
     versions = document["versions"]
     lines = []
-    for part in document.get("parts") or [_part(document, "results file")]:
+    parts = document.get("parts") or [_part(document, "results file")]
+    for part in parts:
         lines += [f"- Run: `{part['command']}`, started {part['created']}, {part['elapsed_s']:.0f} s; load average "
                   f"(1, 5, 15 min) at start {_load_text(part['load_start'])}, at end {_load_text(part['load_end'])}"]
     lines += [
@@ -459,8 +475,9 @@ def _settings_lines(document: dict) -> list[str]:
         f"({machine['cores_available']} available to the run), {settings['threads']} torch thread(s) per process, "
         f"device {settings['device']}" + (f" ({machine['gpu']})" if machine.get("gpu") else ""),
         "- Versions: " + ", ".join(f"{name} {value}" for name, value in versions.items()
-                                  if name not in ("adapterkit_commit", "adapterkit_src_modified")),
-        f"- adapterkit commit: {versions.get('adapterkit_commit')}"
+                                  if name not in ("adapterkit_commit", "adapterkit_src_tree",
+                                                  "adapterkit_src_modified")),
+        "- adapterkit commit: " + ", ".join(dict.fromkeys(str(part["commit"]) for part in parts))
         + (" with uncommitted changes under src/" if versions.get("adapterkit_src_modified") else ""),
         f"- Steps: {settings['warmup']} warm-up, then {settings['steps']} timed training steps and "
         f"{settings['inference_steps']} timed forward passes per inference loop; seed {settings['seed']}",
@@ -496,7 +513,9 @@ def render(document: dict, plot_name: str | None, findings: str = "") -> str:
               "live at once during one training step (weights, optimizer state, activations, gradients), with its "
               "increase over the memory live before the step in brackets; unlike the RSS it leaves out freed memory "
               "that malloc keeps for reuse, whose amount depends on the order of earlier allocations. "
-              "\"trainable (head)\" counts trainable "
+              "\"bare\" is the floor process's bare-model inference; \"bare, same process\" is the bare model timed "
+              "in the adapter's own process before the adapter was added, which the machine's drift between "
+              "processes does not reach. \"trainable (head)\" counts trainable "
               "parameters, of which the classification head is in brackets.", ""]
 
     lines += ["## Workloads and hyper-parameters", ""]
@@ -525,7 +544,8 @@ def render(document: dict, plot_name: str | None, findings: str = "") -> str:
         if floor_rows:
             lines += ["### Against the floor, full fine-tuning and bare inference", ""]
             lines += _table(["method", "library", "train / floor", "train / full fine-tuning",
-                             "inference / bare", "merged inference / bare"], floor_rows) + [""]
+                             "inference / bare", "merged inference / bare", "inference / bare, same process",
+                             "merged inference / bare, same process"], floor_rows) + [""]
         lines += ["### Trainable adapter parameters (head excluded)", ""]
         lines += _table(["method", "adapterkit", "adapters", "peft", "check"], parameter_check_rows(groups, model))
         lines.append("")

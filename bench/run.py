@@ -98,6 +98,15 @@ def run_worker(spec: dict) -> dict:
     result["attention_implementation"] = getattr(model.config, "_attn_implementation", None)
     record.memory("after_model", device)
 
+    # Bare-model inference in this process, before the adapter is added: a reference for the adapter's
+    # inference that the machine's drift between processes does not reach.
+    if not spec["count_only"] and spec["method"] not in (FROZEN, FULL_FINETUNE, ROUTING):
+        try:
+            result["bare_inference_s"], _ = measure.time_inference(model, batch, spec["warmup"],
+                                                                   spec["inference_steps"], device)
+        except Exception as error:  # noqa: BLE001
+            record.fail("bare_inference", error)
+
     route_per_sample = None
     try:
         # The same seed for every library's adapter init; the values do not change the cost.
@@ -278,7 +287,11 @@ def library_versions() -> dict:
     commit = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
     changes = subprocess.run(git + ["status", "--porcelain", "--", "src"], capture_output=True, text=True,
                              check=False).stdout.strip()
+    # The tree hash of src/ is equal across commits that change only the benchmark or the docs, so runs
+    # of such commits measure the same adapterkit and can be reported together.
+    tree = subprocess.run(git + ["rev-parse", "HEAD:src"], capture_output=True, text=True, check=False).stdout.strip()
     versions["adapterkit_commit"] = commit or None
+    versions["adapterkit_src_tree"] = tree or None
     versions["adapterkit_src_modified"] = bool(changes)
     return versions
 

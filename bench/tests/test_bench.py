@@ -96,7 +96,8 @@ def test_render_smoke_report_ratios_and_errors():
     document = _document([
         _run("llama-128m", "baseline", "frozen", train_step_s=[1.0, 1.0, 1.0], inference_s=[0.5, 0.5, 0.5]),
         _run("llama-128m", "adapterkit", "lora", train_step_s=[3.0, 3.0, 3.0], inference_s=[1.0, 1.0, 1.0],
-             memory_mib=memory, trainable_parameters=10, trainable_head_parameters=0),
+             bare_inference_s=[0.8, 0.8, 0.8], memory_mib=memory, trainable_parameters=10,
+             trainable_head_parameters=0),
         _run("llama-128m", "peft", "lora", train_step_s=[2.0, 2.0, 2.0], inference_s=[1.0, 1.0, 1.0]),
         _run("llama-128m", "adapterkit", "ia3", status="error", errors={"setup": "ValueError: bad"}),
     ])
@@ -105,12 +106,13 @@ def test_render_smoke_report_ratios_and_errors():
 
     assert "**SMOKE RUN.**" in text
     assert "| lora | peft | 1.50 | 1.00 (within noise) |" in text
-    assert "| lora | adapterkit | 3.00 |" in text  # train / floor
+    # train / floor, inference / the floor process's bare model, inference / this process's bare model
+    assert "| lora | adapterkit | 3.00 | n/a | 2.00 | n/a | 1.25 | n/a |" in text
     assert "| llama-128m | adapterkit | ia3 | setup | ValueError: bad |" in text
     assert "![training-step ratios](ratios.png)" in text
 
 
-def test_render_puts_findings_first_and_heap_ratio_in_peer_table():
+def test_render_findings_and_heap_ratio():
     heap = {"ak": {"at_rest": 100.0, "peak": 300.0}, "peft": {"at_rest": 100.0, "peak": 400.0}}
     document = _document([
         _run("llama-128m", "adapterkit", "lora", train_step_s=[1.0], train_heap_mib=heap["ak"]),
@@ -213,3 +215,17 @@ def test_merge_documents_rejects_other_settings():
 
     with pytest.raises(ValueError, match="b.json differs from a.json in threads"):
         report.merge_documents([first, second], ["a.json", "b.json"])
+
+
+def test_merge_documents_accepts_commits_with_one_src_tree():
+    first, second, third = _document([]), _document([]), _document([])
+    first["versions"] = {"torch": "x", "adapterkit_commit": "aaa", "adapterkit_src_tree": "t1",
+                         "adapterkit_src_modified": False}
+    second["versions"] = dict(first["versions"], adapterkit_commit="bbb")
+    third["versions"] = dict(first["versions"], adapterkit_commit="ccc", adapterkit_src_tree="t2")
+
+    merged = report.merge_documents([first, second], ["a.json", "b.json"])
+
+    assert "- adapterkit commit: aaa, bbb" in report.render(merged, plot_name=None)
+    with pytest.raises(ValueError, match="c.json differs from a.json in versions"):
+        report.merge_documents([first, third], ["a.json", "c.json"])
