@@ -119,7 +119,7 @@ _MALLINFO2 = _load_mallinfo2()
 
 
 def heap_in_use_bytes() -> int | None:
-    """Return the bytes that glibc's malloc has handed out and not had back, or ``None`` off glibc 2.33+.
+    """Return the bytes allocated by malloc and not yet freed, or ``None`` without glibc 2.33 or newer.
 
     This counts live allocations only (``uordblks`` over all arenas plus memory-mapped chunks,
     ``hblkhd``). The resident set size also contains freed memory that malloc keeps for reuse, which

@@ -71,7 +71,7 @@ def test_training_step_keeps_no_activation(tiny_model, tiny_inputs, family, meth
     assert alive == [], f"{len(alive)} activations outlive the step, shapes {[tuple(t.shape) for t in alive][:5]}"
 
 
-# transformers 5 renames past_key_values to cache; the old name still works in 4.57 and 5.
+# transformers 5.25 warns that past_key_values is renamed to cache. The old name works in 4.57 and 5.25.
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")
 @pytest.mark.parametrize("method", ["pfeiffer", "conv", "lora", "prefix_tuning"])
 def test_cached_forward_keeps_no_cache(method):
