@@ -65,6 +65,48 @@ def time_inference(model: nn.Module, batch: dict[str, torch.Tensor], warmup: int
     return durations[warmup:], logits.float().cpu()
 
 
+def time_inference_alternating(loops: list[tuple[nn.Module, dict[str, torch.Tensor]]], warmup: int, steps: int,
+                               device: torch.device, rounds: int = 4) -> list[tuple[list[float], torch.Tensor]]:
+    """Time ``steps`` forward passes of each (model, batch) loop, the loops taking turns in ``rounds`` rounds.
+
+    Each loop first runs ``warmup`` untimed passes. Then every round times a share of the steps of
+    each loop in turn, in reverse order in every second round, so that a slow stretch of the machine
+    or a loop's position in the process falls on all loops alike. Two loops timed this way give a
+    ratio that drift between loops does not reach.
+
+    Returns:
+        Per loop, in the order given: the ``steps`` durations in seconds and the logits of its last
+        pass on the CPU.
+    """
+    inputs = [{key: value for key, value in batch.items() if key != "labels"} for _, batch in loops]
+    durations: list[list[float]] = [[] for _ in loops]
+    logits: list[torch.Tensor | None] = [None for _ in loops]
+
+    def forwards(index: int, count: int, keep: bool) -> None:
+        model = loops[index][0]
+        for _ in range(count):
+            synchronize(device)
+            start = time.perf_counter()
+            logits[index] = model(**inputs[index]).logits
+            synchronize(device)
+            if keep:
+                durations[index].append(time.perf_counter() - start)
+
+    for model, _ in loops:
+        model.eval()
+    rounds = max(1, min(rounds, steps))
+    with torch.inference_mode():
+        for index in range(len(loops)):
+            forwards(index, warmup, keep=False)
+        for number in range(rounds):
+            # Spread the steps over the rounds: the first ``steps % rounds`` rounds take one more.
+            count = steps // rounds + (1 if number < steps % rounds else 0)
+            order = range(len(loops)) if number % 2 == 0 else reversed(range(len(loops)))
+            for index in order:
+                forwards(index, count, keep=True)
+    return [(timings, output.float().cpu()) for timings, output in zip(durations, logits)]
+
+
 def peak_rss_mib() -> float:
     """Return the peak resident set size of this process so far, in MiB (``ru_maxrss``, which Linux gives in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

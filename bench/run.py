@@ -40,6 +40,7 @@ BASELINE = "baseline"
 FROZEN = "frozen"
 FULL_FINETUNE = "full_finetune"
 ROUTING = "routing"
+BASELINE_METHODS = (FROZEN, FULL_FINETUNE)
 
 logger = logging.getLogger("bench")
 
@@ -98,17 +99,6 @@ def run_worker(spec: dict) -> dict:
     result["attention_implementation"] = getattr(model.config, "_attn_implementation", None)
     record.memory("after_model", device)
 
-    # Bare-model inference in this process, before the adapter is added: a reference for the adapter's
-    # inference that the machine's drift between processes does not reach.
-    # NOTE: this loop runs first in a cold process and measured 4 to 9% slower than the later loops on
-    # MiniLM (merged LoRA / bare 0.92), so the ratio is biased low until bare is also timed afterwards.
-    if not spec["count_only"] and spec["method"] not in (FROZEN, FULL_FINETUNE, ROUTING):
-        try:
-            result["bare_inference_s"], _ = measure.time_inference(model, batch, spec["warmup"],
-                                                                   spec["inference_steps"], device)
-        except Exception as error:  # noqa: BLE001
-            record.fail("bare_inference", error)
-
     route_per_sample = None
     try:
         # The same seed for every library's adapter init; the values do not change the cost.
@@ -160,12 +150,37 @@ def run_worker(spec: dict) -> dict:
 
 
 def _measure_inference(record: _Recorder, prepared, batch: dict, spec: dict, device, route_per_sample) -> None:
+    """Time the adapter's inference, unmerged and merged; beside each, the bare model in turns with it.
+
+    The bare reference is a second copy of the base model built from the same seed, timed in rounds
+    alternating with the adapter's loop (``measure.time_inference_alternating``). A bare loop timed
+    once before the adapter's, in a process not yet warm, came out 4 to 9% slower than the loops after
+    it, which made the adapter look faster than the bare model it extends.
+    """
     import measure
+    from workloads import build_model, get_workload
 
     result = record.result
+    reference = None
+    if spec["method"] not in (BASELINE_METHODS + (ROUTING,)):
+        try:
+            reference = build_model(get_workload(spec["model"], spec["smoke"]), spec["smoke"], spec["seed"], device)
+        except Exception as error:  # noqa: BLE001
+            record.fail("bare_reference", error)
+
+    def time_with_reference(prefix: str):
+        if reference is None:
+            durations, logits = measure.time_inference(prepared.model, batch, spec["warmup"],
+                                                       spec["inference_steps"], device)
+        else:
+            (bare, _), (durations, logits) = measure.time_inference_alternating(
+                [(reference, batch), (prepared.model, batch)], spec["warmup"], spec["inference_steps"], device)
+            result[f"bare_alternating_{prefix}s"] = bare
+        result[f"{prefix}s"] = durations
+        return logits
+
     try:
-        result["inference_s"], logits = measure.time_inference(prepared.model, batch, spec["warmup"],
-                                                               spec["inference_steps"], device)
+        logits = time_with_reference("inference_")
     except Exception as error:  # noqa: BLE001
         record.fail("inference", error)
         return
@@ -174,8 +189,7 @@ def _measure_inference(record: _Recorder, prepared, batch: dict, spec: dict, dev
     if prepared.merge is not None:
         try:
             prepared.merge()
-            result["merged_inference_s"], merged_logits = measure.time_inference(
-                prepared.model, batch, spec["warmup"], spec["inference_steps"], device)
+            merged_logits = time_with_reference("merged_inference_")
             # The merged model must compute what the unmerged one did; a large value means a broken merge.
             result["merge_max_abs_logit_change"] = float((merged_logits - logits).abs().max())
         except Exception as error:  # noqa: BLE001
@@ -183,8 +197,10 @@ def _measure_inference(record: _Recorder, prepared, batch: dict, spec: dict, dev
 
     if spec["method"] == ROUTING:
         try:
-            result["routed_inference_s"], _ = measure.time_inference(
-                prepared.model, route_per_sample(batch), spec["warmup"], spec["inference_steps"], device)
+            # One adapter for the whole batch and a batch routed row by row, timed in turns.
+            (result["single_adapter_inference_s"], _), (result["routed_inference_s"], _) = (
+                measure.time_inference_alternating([(prepared.model, batch), (prepared.model, route_per_sample(batch))],
+                                                   spec["warmup"], spec["inference_steps"], device))
             result["routing"] = {"status": "ok", "adapters": 8}
         except Exception as error:  # noqa: BLE001
             record.fail("routed_inference", error)

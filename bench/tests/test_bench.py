@@ -96,7 +96,7 @@ def test_render_smoke_report_ratios_and_errors():
     document = _document([
         _run("llama-128m", "baseline", "frozen", train_step_s=[1.0, 1.0, 1.0], inference_s=[0.5, 0.5, 0.5]),
         _run("llama-128m", "adapterkit", "lora", train_step_s=[3.0, 3.0, 3.0], inference_s=[1.0, 1.0, 1.0],
-             bare_inference_s=[0.8, 0.8, 0.8], memory_mib=memory, trainable_parameters=10,
+             bare_alternating_inference_s=[0.8, 0.8, 0.8], memory_mib=memory, trainable_parameters=10,
              trainable_head_parameters=0),
         _run("llama-128m", "peft", "lora", train_step_s=[2.0, 2.0, 2.0], inference_s=[1.0, 1.0, 1.0]),
         _run("llama-128m", "adapterkit", "ia3", status="error", errors={"setup": "ValueError: bad"}),
@@ -106,7 +106,7 @@ def test_render_smoke_report_ratios_and_errors():
 
     assert "**SMOKE RUN.**" in text
     assert "| lora | peft | 1.50 | 1.00 (within noise) |" in text
-    # train / floor, inference / the floor process's bare model, inference / this process's bare model
+    # train / floor, inference / the floor process's bare model, inference / the bare model timed in turns
     assert "| lora | adapterkit | 3.00 | n/a | 2.00 | n/a | 1.25 | n/a |" in text
     assert "| llama-128m | adapterkit | ia3 | setup | ValueError: bad |" in text
     assert "![training-step ratios](ratios.png)" in text
@@ -149,6 +149,34 @@ def test_heap_peak_grows_with_the_batch():
     # The step's activations grow with the rows: 16 times the rows must show as several times the heap.
     assert small > 0
     assert large > 4 * small
+
+
+def test_alternating_inference_takes_turns():
+    import measure
+    import torch
+    from torch import nn
+
+    calls = []
+
+    class Recorder(nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, input_ids):
+            calls.append((self.name, self.training, torch.is_inference_mode_enabled()))
+            return type("Output", (), {"logits": input_ids.float() * (2 if self.name == "b" else 1)})()
+
+    batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "labels": torch.zeros(2, dtype=torch.long)}
+    first, second = Recorder("a"), Recorder("b")
+    results = measure.time_inference_alternating([(first, batch), (second, batch)], warmup=1, steps=5,
+                                                 device=torch.device("cpu"), rounds=2)
+
+    # Warm-up a, b; round 0 (3 steps) a then b; round 1 (2 steps) reversed: b then a.
+    assert [name for name, _, _ in calls] == list("ab" + "aaabbb" + "bbaa")
+    assert all(not training and inference for _, training, inference in calls)
+    assert [len(durations) for durations, _ in results] == [5, 5]
+    assert torch.equal(results[1][1], torch.full((2, 3), 2.0))
 
 
 def test_plot_ratios_writes_png(tmp_path):
