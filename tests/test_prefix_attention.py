@@ -731,6 +731,92 @@ def test_gradient_reaches_prefix_only(family):
     assert not missing
 
 
+# The query projection of each family whose attention goes through hook patches: every family here
+# on transformers 4.57, MPNet and DeBERTa-v2 on 5.
+QUERY_PROJECTIONS = {"bert": "query", "distilbert": "q_lin", "t5": "q", "mpnet": "q", "deberta-v2": "query_proj"}
+
+
+class RecordingPrefix(FixedPrefix):
+    """A ``FixedPrefix`` that keeps a copy of every query it is handed."""
+
+    def __init__(self, key: torch.Tensor, value: torch.Tensor):
+        super().__init__(key, value)
+        self.queries = []
+
+    def __call__(self, module: nn.Module, query: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        self.queries.append(query.clone())
+        return super().__call__(module, query)
+
+
+class ShapeOnlyPrefix(RecordingPrefix):
+    """A ``RecordingPrefix`` that declares it reads only the query's shape, dtype and device."""
+
+    reads_query = False
+
+
+@pytest.mark.parametrize("family", list(QUERY_PROJECTIONS))
+def test_shape_only_source_runs_query_once(family):
+    model = build_model(family)
+    enable_prefix_attention(model)
+    reading = attach_prefixes(model, family)
+    expected = run(model, family)
+    modules = attention_modules(model, family)
+    shape_only = [ShapeOnlyPrefix(source.key, source.value) for source in reading]
+    for module, source in zip(modules, shape_only):
+        set_prefix_source(module, source)
+    projected = []
+    handles = [getattr(module, QUERY_PROJECTIONS[family]).register_forward_hook(
+        lambda linear, args, output: projected.append(output.shape)) for module in modules]
+    output = run(model, family)
+    for handle in handles:
+        handle.remove()
+
+    # One query projection of the batch per attention call: the module's own. DeBERTa-v2 also projects
+    # its relative position embeddings (batch 1) with the same layer.
+    assert sum(shape[0] == 2 for shape in projected) == len(modules)
+    assert torch.equal(output, expected)
+    for source in shape_only:
+        assert len(source.queries) == 1
+        query = source.queries[0]
+        assert query.shape[:2] == (2, 4)
+        assert query.shape[2] in (4, 7)  # T5 decoder queries have 4 tokens, every encoder query 7
+        assert query.dtype == torch.float32
+
+
+@pytest.mark.parametrize("family", ["mpnet", "deberta-v2"])
+def test_prefix_adapter_runs_query_once(family):
+    import adapterkit
+
+    model = adapterkit.init(build_model(family))
+    model.add_adapter("prefix", adapterkit.PrefixTuningConfig(prefix_length=3, bottleneck_size=8))
+    model.set_active_adapters("prefix")
+    modules = attention_modules(model, family)
+    projected = []
+    handles = [getattr(module, QUERY_PROJECTIONS[family]).register_forward_hook(
+        lambda linear, args, output: projected.append(output.shape)) for module in modules]
+    run(model, family)
+    for handle in handles:
+        handle.remove()
+
+    assert modules
+    assert sum(shape[0] == 2 for shape in projected) == len(modules)
+
+
+def test_reading_source_gets_real_query():
+    model = build_model("mpnet")
+    enable_prefix_attention(model)
+    fixed = attach_prefixes(model, "mpnet")[1]
+    attention = model.encoder.layer[1].attention.attn
+    source = RecordingPrefix(fixed.key, fixed.value)
+    set_prefix_source(attention, source)
+    record = capture_call(attention)
+    run(model, "mpnet")
+
+    hidden = inspect.signature(attention.forward).bind(*record["args"], **record["kwargs"]).arguments["hidden_states"]
+    assert len(source.queries) == 1
+    assert torch.equal(source.queries[0], heads(attention.q(hidden), 4))
+
+
 @pytest.mark.parametrize("family", ["llama", "bert", "t5", "gpt2", "mpnet", "deberta-v2"])
 def test_bfloat16_model_keeps_dtype(family):
     model = build_model(family)

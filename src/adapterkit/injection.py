@@ -401,6 +401,10 @@ class PrefixSite(Site):
         lookup: Called at every forward to get ``(config, (PrefixTuning, row))`` pairs.
     """
 
+    # The site reads only the query's batch size, dtype and device, so hook-based prefix attention
+    # need not run the query projection a second time to hand it over.
+    reads_query = False
+
     def __init__(self, key: SiteKey, attention: nn.Module, causal: bool, lookup: Lookup):
         super().__init__(key, lookup)
         self.attention = attention

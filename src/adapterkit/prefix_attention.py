@@ -44,6 +44,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 # A prefix source: called as ``source(attention_module, query)`` with the query
 # ``(batch, heads, q_len, head_dim)``, it returns a list of ``(key, value)`` pairs or ``PrefixPair``s,
 # each tensor ``(batch or 1, kv_heads, prefix_length, head_dim)``, to put before the real keys in list order.
+# A source that reads only the query's shape, dtype and device sets ``reads_query = False``. Patches
+# that compute the query in a pre-hook then pass a stand-in of that shape (see ``source_query``).
 PrefixSource = Callable[[nn.Module, torch.Tensor], Sequence[tuple[torch.Tensor, torch.Tensor]]]
 
 # The position_bias modes of a prefix (see PrefixTuningConfig.position_bias). "zero" gives the prefix
@@ -126,7 +128,9 @@ def set_prefix_source(attention_module: nn.Module, source: PrefixSource | None) 
             ``attn``, bert ``attention.self``, mpnet ``attention.attn``, t5 ``SelfAttention``, ...).
         source: ``source(attention_module, query) -> [(key, value), ...]``, see ``PrefixSource``, or
             ``None`` to remove it. The tensors should have the dtype of ``query``. Other dtypes
-            are cast to the dtype of the real keys.
+            are cast to the dtype of the real keys. A source that reads only the query's shape, dtype
+            and device should set ``reads_query = False``, which saves hook-based patches a second
+            query projection.
 
     Raises:
         TypeError: If ``source`` is neither ``None`` nor callable.
@@ -144,6 +148,30 @@ def set_prefix_source(attention_module: nn.Module, source: PrefixSource | None) 
 def get_prefix_source(attention_module: nn.Module) -> PrefixSource | None:
     """Return the prefix source of ``attention_module``, or ``None`` if it has none."""
     return attention_module.__dict__.get(PREFIX_SOURCE_ATTRIBUTE)
+
+
+def source_query(module: nn.Module, projection: nn.Module, query_input: torch.Tensor, heads: int) -> torch.Tensor:
+    """Return the query ``(batch, heads, q_len, head_dim)`` to hand to the prefix source of ``module``.
+
+    Hook-based patches call this before the module's forward, which computes the query itself. The
+    projection runs here only when the source reads the query's values. Without a source, or for a
+    source with ``reads_query = False``, the result is a zero-stride stand-in with the query's shape,
+    dtype (the autocast dtype under autocast) and device, so the projection does not run twice.
+
+    Args:
+        module: The attention module.
+        projection: Its query projection, ``query_input`` -> ``(batch, q_len, heads * head_dim)``.
+        query_input: What the module projects to the query, ``(batch, q_len, hidden)``.
+        heads: Query heads of the module.
+    """
+    batch, length, _ = query_input.shape
+    source = get_prefix_source(module)
+    width = getattr(projection, "out_features", None)
+    if (source is not None and getattr(source, "reads_query", True)) or not isinstance(width, int):
+        return projection(query_input).view(batch, length, heads, -1).transpose(1, 2)
+    device_type = query_input.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else query_input.dtype
+    return query_input.new_zeros((), dtype=dtype).expand(batch, heads, length, width // heads)
 
 
 def collect_prefix(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -669,8 +697,8 @@ class _MPNetPatch(_HookPatch):
     those rows with the prefix, and the output hook drops the extra query rows. The real query rows
     get exactly ``softmax(q [P_k; K]^T / sqrt(d) + [0, bias] + [0, mask]) [P_v; V]``.
 
-    NOTE: when the module has a source, the pre-hook runs the query projection once more to hand the
-    query to the source, and the padded rows cost ``length`` extra query rows.
+    NOTE: the padded rows cost ``length`` extra query rows, and a source that reads the query's values
+    makes the pre-hook run the query projection once more (``source_query``).
     """
 
     supports_concatenated_bias = False
@@ -689,7 +717,7 @@ class _MPNetPatch(_HookPatch):
     def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         hidden_states = self._arguments.get(args, kwargs, "hidden_states")
         batch, length, _ = hidden_states.shape
-        query = module.q(hidden_states).view(batch, length, -1, module.attention_head_size).transpose(1, 2)
+        query = source_query(module, module.q, hidden_states, module.num_attention_heads)
         if self._begin(module, query) is None:
             return None
         count = self._state.length
@@ -727,8 +755,8 @@ class _DebertaV2Patch(_HookPatch):
     only and are zero for the prefix columns. The content score of a prefix column is
     ``q . p_k / sqrt(d * scale_factor)``, scaled like every content score of that module.
 
-    NOTE: when the module has a source, the pre-hook runs the query projection once more to hand the
-    query to the source.
+    NOTE: a source that reads the query's values makes the pre-hook run the query projection once more
+    (``source_query``). adapterkit's own prefix sites read only its shape.
     """
 
     supports_concatenated_bias = False
@@ -755,8 +783,7 @@ class _DebertaV2Patch(_HookPatch):
         hidden_states = self._arguments.get(args, kwargs, "hidden_states")
         query_states = self._arguments.get(args, kwargs, "query_states")
         query_input = hidden_states if query_states is None else query_states
-        batch, length, _ = query_input.shape
-        query = module.query_proj(query_input).view(batch, length, module.num_attention_heads, -1).transpose(1, 2)
+        query = source_query(module, module.query_proj, query_input, module.num_attention_heads)
         if self._begin(module, query) is None:
             return None
         args, kwargs = list(args), dict(kwargs)
@@ -789,8 +816,8 @@ class _DistilBertPatch(_HookPatch):
     mask, and the key/value projection hooks replace those rows with the prefix. The ``query``
     input keeps its length, so the output keeps its shape.
 
-    NOTE: when the module has a source, the pre-hook runs the query projection once more to hand the
-    query to the source.
+    NOTE: a source that reads the query's values makes the pre-hook run the query projection once more
+    (``source_query``). adapterkit's own prefix sites read only its shape.
     """
 
     def __init__(self, module: nn.Module):
@@ -805,7 +832,7 @@ class _DistilBertPatch(_HookPatch):
     def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         query_input = self._arguments.get(args, kwargs, "query")
         batch, length, _ = query_input.shape
-        query = module.q_lin(query_input).view(batch, length, module.n_heads, -1).transpose(1, 2)
+        query = source_query(module, module.q_lin, query_input, module.n_heads)
         if self._begin(module, query) is None:
             return None
         count = self._state.length
@@ -863,7 +890,7 @@ class _CachedAttentionPatch(_HookPatch):
         ]
 
     def _query(self, module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Return the query ``(batch, heads, q_len, head_dim)`` that the module computes from ``hidden_states``."""
+        """Return the query ``(batch, heads, q_len, head_dim)`` for the source (``source_query``) from ``hidden_states``."""
         raise NotImplementedError
 
     def _extend_arguments(self, module: nn.Module, args: list, kwargs: dict, query: torch.Tensor,
@@ -967,8 +994,8 @@ class _BertPatch(_CachedAttentionPatch):
     when a decoder passes no mask, so in that case the pre-hook passes that pattern as an explicit
     mask with the prefix columns before it.
 
-    NOTE: when the module has a source, the pre-hook runs the query projection once more to hand the
-    query to the source.
+    NOTE: a source that reads the query's values makes the pre-hook run the query projection once more
+    (``source_query``). adapterkit's own prefix sites read only its shape.
     """
 
     query_projection = "query"
@@ -977,9 +1004,7 @@ class _BertPatch(_CachedAttentionPatch):
     cross_attention_input = "encoder_hidden_states"
 
     def _query(self, module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-        batch, length, _ = hidden_states.shape
-        query = module.query(hidden_states)
-        return query.view(batch, length, module.num_attention_heads, module.attention_head_size).transpose(1, 2)
+        return source_query(module, module.query, hidden_states, module.num_attention_heads)
 
     def _extend_arguments(self, module: nn.Module, args: list, kwargs: dict, query: torch.Tensor,
                           is_cross_attention: bool, layer_cache) -> None:
@@ -1016,8 +1041,8 @@ class _T5Patch(_CachedAttentionPatch):
     so the module computes it again, which gives zero relative bias in every layer but the first.
     A layer without a prefix does the same with a bias that is wider than its keys.
 
-    NOTE: when the module has a source, the pre-hook runs the query projection once more to hand the
-    query to the source.
+    NOTE: a source that reads the query's values makes the pre-hook run the query projection once more
+    (``source_query``). adapterkit's own prefix sites read only its shape.
     """
 
     query_projection = "q"
@@ -1036,8 +1061,7 @@ class _T5Patch(_CachedAttentionPatch):
         super().remove()
 
     def _query(self, module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-        batch, length, _ = hidden_states.shape
-        return module.q(hidden_states).view(batch, length, module.n_heads, module.key_value_proj_dim).transpose(1, 2)
+        return source_query(module, module.q, hidden_states, module.n_heads)
 
     def _extend_arguments(self, module: nn.Module, args: list, kwargs: dict, query: torch.Tensor,
                           is_cross_attention: bool, layer_cache) -> None:
