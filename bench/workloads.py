@@ -44,10 +44,10 @@ def get_workload(name: str, smoke: bool) -> Workload:
     """Return the workload ``name`` at full size, or at smoke-test size when ``smoke`` is set.
 
     Full size is batch 16 of length 128, except the Llama decoder, which takes batch 8: with its
-    32,000-word output layer a step costs about 1.5 times a BERT-base step, and batch 8 keeps a run of
-    every method near an hour on one CPU thread. Smoke size is batch 2 of length 16, and the two models
-    built from a config shrink to hidden size 64 and 2 layers. MiniLM is a pretrained model, so it keeps
-    its shape.
+    32,000-word output layer a step costs about 1.5 times a BERT-base step (estimated from the
+    parameter counts), and batch 8 keeps a run of the main methods near an hour on one CPU thread.
+    Smoke size is batch 2 of length 16, and the two models built from a config shrink to hidden size
+    64 and 2 layers. MiniLM is a pretrained model, so it keeps its shape.
 
     Raises:
         ValueError: If ``name`` is not in ``WORKLOAD_NAMES``.
