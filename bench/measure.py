@@ -43,6 +43,55 @@ def time_training(model: nn.Module, batch: dict[str, torch.Tensor], parameters: 
     return durations[warmup:]
 
 
+def time_training_alternating(loops: list[tuple[nn.Module, list[nn.Parameter]]], batch: dict[str, torch.Tensor],
+                              warmup: int, steps: int, device: torch.device, rounds: int = 4) -> list[list[float]]:
+    """Time ``steps`` training steps of each (model, trainable parameters) loop, taking turns in ``rounds`` rounds.
+
+    A step is what ``time_training`` times. Each loop first runs ``warmup`` untimed steps. Then the
+    loops take turns as in ``time_inference_alternating``, so the ratio of two loops' times is free of
+    the drift between processes and between loops.
+
+    Returns:
+        Per loop, in the order given: the ``steps`` durations in seconds.
+    """
+    optimizers = [torch.optim.AdamW(parameters, lr=1e-4) if parameters else None for _, parameters in loops]
+    durations: list[list[float]] = [[] for _ in loops]
+
+    def train(index: int, count: int, keep: bool) -> None:
+        model, optimizer = loops[index][0], optimizers[index]
+        for _ in range(count):
+            synchronize(device)
+            start = time.perf_counter()
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
+            model(**batch).loss.backward()
+            if optimizer is not None:
+                optimizer.step()
+            synchronize(device)
+            if keep:
+                durations[index].append(time.perf_counter() - start)
+
+    for model, _ in loops:
+        model.train()
+    for index in range(len(loops)):
+        train(index, warmup, keep=False)
+    _take_turns(len(loops), steps, rounds, train)
+    return durations
+
+
+def _take_turns(count: int, steps: int, rounds: int, run) -> None:
+    """Call ``run(index, share, keep=True)`` for loops ``0..count-1`` in rounds, so each loop runs ``steps`` in all.
+
+    The first ``steps % rounds`` rounds take one step more, and every second round reverses the order.
+    """
+    rounds = max(1, min(rounds, steps))
+    for number in range(rounds):
+        share = steps // rounds + (1 if number < steps % rounds else 0)
+        order = range(count) if number % 2 == 0 else reversed(range(count))
+        for index in order:
+            run(index, share, keep=True)
+
+
 def time_inference(model: nn.Module, batch: dict[str, torch.Tensor], warmup: int, steps: int,
                    device: torch.device) -> tuple[list[float], torch.Tensor]:
     """Time ``warmup + steps`` forward passes in eval and inference mode.
@@ -70,8 +119,8 @@ def time_inference_alternating(loops: list[tuple[nn.Module, dict[str, torch.Tens
     """Time ``steps`` forward passes of each (model, batch) loop, the loops taking turns in ``rounds`` rounds.
 
     Each loop first runs ``warmup`` untimed passes. Then every round times a share of the steps of
-    each loop in turn, in reverse order in every second round, so that a slow stretch of the machine
-    or a loop's position in the process falls on all loops alike. Two loops timed this way give a
+    each loop in turn, and every second round reverses the order. A slow stretch of the machine or a
+    loop's position in the process thus falls on all loops alike. Two loops timed this way give a
     ratio that drift between loops does not reach.
 
     Returns:
@@ -94,16 +143,10 @@ def time_inference_alternating(loops: list[tuple[nn.Module, dict[str, torch.Tens
 
     for model, _ in loops:
         model.eval()
-    rounds = max(1, min(rounds, steps))
     with torch.inference_mode():
         for index in range(len(loops)):
             forwards(index, warmup, keep=False)
-        for number in range(rounds):
-            # Spread the steps over the rounds: the first ``steps % rounds`` rounds take one more.
-            count = steps // rounds + (1 if number < steps % rounds else 0)
-            order = range(len(loops)) if number % 2 == 0 else reversed(range(len(loops)))
-            for index in order:
-                forwards(index, count, keep=True)
+        _take_turns(len(loops), steps, rounds, forwards)
     return [(timings, output.float().cpu()) for timings, output in zip(durations, logits)]
 
 

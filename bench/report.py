@@ -116,6 +116,19 @@ class Configuration:
     def timing(self, key: str) -> Summary | None:
         return summarize([run.get(key) or [] for run in self.runs])
 
+    def train_over_floor(self) -> Summary | None:
+        """Summarize the training steps timed in turns with the floor, each divided by that run's floor median.
+
+        The floor runs in the same process in turns with the method, so the machine's drift between
+        processes cancels out of these quotients, and two libraries' quotients compare directly.
+        """
+        quotients = []
+        for run in self.runs:
+            floor, train = run.get("floor_alternating_train_s"), run.get("train_alternating_s")
+            if floor and train:
+                quotients.append([step / statistics.median(floor) for step in train])
+        return summarize(quotients)
+
     def first(self, key: str, default=None):
         for run in self.runs:
             if run.get(key) is not None:
@@ -285,6 +298,7 @@ def peer_ratio_rows(groups: dict, model: str) -> list[list[str]]:
             their_size = (theirs.first("checkpoint") or {}).get("bytes")
             rows.append([method, peer,
                          ratio_text(mine.timing("train_step_s"), theirs.timing("train_step_s")),
+                         ratio_text(mine.train_over_floor(), theirs.train_over_floor()),
                          ratio_text(mine.timing("inference_s"), theirs.timing("inference_s")),
                          ratio_text(mine.timing("merged_inference_s"), theirs.timing("merged_inference_s")),
                          f"{my_peak / their_peak:.2f}" if my_peak and their_peak else "n/a",
@@ -307,7 +321,9 @@ def floor_ratio_rows(groups: dict, model: str) -> list[list[str]]:
         train = configuration.timing("train_step_s")
         method_text, _ = _label(library, method)
         # Runs from before the bare model was timed in turns with the adapter lack these two timings.
-        rows.append([method_text, library, ratio_text(train, floor_train), ratio_text(train, full_train),
+        over_floor = configuration.train_over_floor()
+        rows.append([method_text, library, ratio_text(train, floor_train),
+                     "n/a" if over_floor is None else f"{over_floor.median:.2f}", ratio_text(train, full_train),
                      ratio_text(configuration.timing("inference_s"), bare),
                      ratio_text(configuration.timing("merged_inference_s"), bare),
                      ratio_text(configuration.timing("inference_s"),
@@ -315,7 +331,9 @@ def floor_ratio_rows(groups: dict, model: str) -> list[list[str]]:
                      ratio_text(configuration.timing("merged_inference_s"),
                                 configuration.timing("bare_alternating_merged_inference_s"))])
     if full_train is not None:
-        rows.append(["full fine-tuning", "-", ratio_text(full_train, floor_train), "1.00", "-", "-", "-", "-"])
+        over_floor = full.train_over_floor()
+        rows.append(["full fine-tuning", "-", ratio_text(full_train, floor_train),
+                     "n/a" if over_floor is None else f"{over_floor.median:.2f}", "1.00", "-", "-", "-", "-"])
     return rows
 
 
@@ -517,9 +535,12 @@ def render(document: dict, plot_name: str | None, findings: str = "") -> str:
               "that malloc keeps for reuse, whose amount depends on the order of earlier allocations. "
               "\"bare\" is the floor process's bare-model inference; \"bare, in turns\" is a copy of the bare model "
               "timed in the adapter's own process, in rounds alternating with the adapter's loop, which the "
-              "machine's drift between processes and between loops does not reach. \"trainable (head)\" counts "
-              "trainable "
-              "parameters, of which the classification head is in brackets.", ""]
+              "machine's drift between processes and between loops does not reach. \"floor, in turns\" is the "
+              "same for training: a frozen copy of the base model (the floor) trained in rounds alternating with "
+              "the method's steps in the method's own process. \"train step / floor in turns\" divides each "
+              "library's steps by the floor timed beside them before comparing the libraries, so the drift "
+              "between their processes cancels out. \"trainable (head)\" counts trainable parameters, of which "
+              "the classification head is in brackets.", ""]
 
     lines += ["## Workloads and hyper-parameters", ""]
     for name, workload in document["workloads"].items():
@@ -541,12 +562,13 @@ def render(document: dict, plot_name: str | None, findings: str = "") -> str:
         peer_rows = peer_ratio_rows(groups, model)
         if peer_rows:
             lines += ["### adapterkit / peer", ""]
-            lines += _table(["method", "peer", "train step", "inference", "merged inference", "peak RSS",
+            lines += _table(["method", "peer", "train step", "train step / floor in turns", "inference",
+                             "merged inference", "peak RSS",
                              "step heap peak", "checkpoint size"], peer_rows) + [""]
         floor_rows = floor_ratio_rows(groups, model)
         if floor_rows:
             lines += ["### Against the floor, full fine-tuning and bare inference", ""]
-            lines += _table(["method", "library", "train / floor", "train / full fine-tuning",
+            lines += _table(["method", "library", "train / floor", "train / floor, in turns", "train / full fine-tuning",
                              "inference / bare", "merged inference / bare", "inference / bare, in turns",
                              "merged inference / bare, in turns"], floor_rows) + [""]
         lines += ["### Trainable adapter parameters (head excluded)", ""]

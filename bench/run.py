@@ -143,30 +143,39 @@ def run_worker(spec: dict) -> dict:
             except Exception as error:  # noqa: BLE001
                 record.fail("train_heap", error)
 
+    # The frozen floor again, as a second copy of the base model in this process, built after the
+    # memory readings so they stay the adapter's alone.
+    reference = None
+    if spec["method"] not in (FROZEN, ROUTING):
+        try:
+            reference = libs.prepare_frozen(build_model(workload, spec["smoke"], spec["seed"], device)).model
+        except Exception as error:  # noqa: BLE001
+            record.fail("bare_reference", error)
+    if reference is not None and "train" not in result["errors"] and spec["floor_in_turns"]:
+        try:
+            result["floor_alternating_train_s"], result["train_alternating_s"] = measure.time_training_alternating(
+                [(reference, []), (prepared.model, parameters)], batch, spec["warmup"], spec["steps"], device)
+        except Exception as error:  # noqa: BLE001
+            record.fail("train_in_turns", error)
+
     if spec["method"] != FULL_FINETUNE:
-        _measure_inference(record, prepared, batch, spec, device, route_per_sample)
+        _measure_inference(record, prepared, reference, batch, spec, device, route_per_sample)
     _measure_checkpoint(record, prepared)
     return result
 
 
-def _measure_inference(record: _Recorder, prepared, batch: dict, spec: dict, device, route_per_sample) -> None:
-    """Time the adapter's inference, unmerged and merged; beside each, the bare model in turns with it.
+def _measure_inference(record: _Recorder, prepared, reference, batch: dict, spec: dict, device,
+                       route_per_sample) -> None:
+    """Time the adapter's inference, unmerged and merged; beside each, the bare ``reference`` in turns with it.
 
-    The bare reference is a second copy of the base model built from the same seed, timed in rounds
-    alternating with the adapter's loop (``measure.time_inference_alternating``). A bare loop timed
-    once before the adapter's, in a process not yet warm, came out 4 to 9% slower than the loops after
-    it, which made the adapter look faster than the bare model it extends.
+    ``reference`` is a second copy of the base model built from the same seed, or ``None``. It is
+    timed in rounds alternating with the adapter's loop (``measure.time_inference_alternating``). A
+    bare loop timed once before the adapter's, in a process not yet warm, came out 4 to 9% slower
+    than the loops after it, which made the adapter look faster than the bare model it extends.
     """
     import measure
-    from workloads import build_model, get_workload
 
     result = record.result
-    reference = None
-    if spec["method"] not in (BASELINE_METHODS + (ROUTING,)):
-        try:
-            reference = build_model(get_workload(spec["model"], spec["smoke"]), spec["smoke"], spec["seed"], device)
-        except Exception as error:  # noqa: BLE001
-            record.fail("bare_reference", error)
 
     def time_with_reference(prefix: str):
         if reference is None:
@@ -382,6 +391,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-floors", action="store_true",
                         help="skip the frozen-model floor, bare inference and full fine-tuning")
     parser.add_argument("--no-routing", action="store_true", help="skip the per-sample routing check")
+    parser.add_argument("--no-floor-in-turns", action="store_true",
+                        help="skip timing the frozen floor in turns with each method's training steps in its own "
+                             "process (that doubles the training time of a run)")
     parser.add_argument("--device", default="cpu", help="torch device for every configuration: cpu or cuda[:N]")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads per process (default: the cores this process may use)")
@@ -449,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     settings = {"smoke": arguments.smoke, "seed": arguments.seed, "threads": arguments.threads,
                 "device": arguments.device, "warmup": arguments.warmup, "steps": arguments.steps,
-                "inference_steps": arguments.inference_steps, "count_only": arguments.count_only}
+                "inference_steps": arguments.inference_steps, "count_only": arguments.count_only,
+                "floor_in_turns": not arguments.no_floor_in_turns}
     configurations = plan_configurations(arguments.models, arguments.methods, arguments.libraries,
                                          arguments.repeats, floors=not arguments.no_floors,
                                          routing=not arguments.no_routing)

@@ -97,17 +97,22 @@ def test_render_smoke_report_ratios_and_errors():
         _run("llama-128m", "baseline", "frozen", train_step_s=[1.0, 1.0, 1.0], inference_s=[0.5, 0.5, 0.5]),
         _run("llama-128m", "adapterkit", "lora", train_step_s=[3.0, 3.0, 3.0], inference_s=[1.0, 1.0, 1.0],
              bare_alternating_inference_s=[0.8, 0.8, 0.8], memory_mib=memory, trainable_parameters=10,
-             trainable_head_parameters=0),
-        _run("llama-128m", "peft", "lora", train_step_s=[2.0, 2.0, 2.0], inference_s=[1.0, 1.0, 1.0]),
+             trainable_head_parameters=0, floor_alternating_train_s=[2.0, 2.0, 2.0],
+             train_alternating_s=[2.2, 2.2, 2.2]),
+        # PEFT's process ran on a machine twice as fast: its floor in turns took half as long.
+        _run("llama-128m", "peft", "lora", train_step_s=[2.0, 2.0, 2.0], inference_s=[1.0, 1.0, 1.0],
+             floor_alternating_train_s=[1.0, 1.0, 1.0], train_alternating_s=[1.0, 1.0, 1.0]),
         _run("llama-128m", "adapterkit", "ia3", status="error", errors={"setup": "ValueError: bad"}),
     ])
 
     text = report.render(document, plot_name="ratios.png")
 
     assert "**SMOKE RUN.**" in text
-    assert "| lora | peft | 1.50 | 1.00 (within noise) |" in text
-    # train / floor, inference / the floor process's bare model, inference / the bare model timed in turns
-    assert "| lora | adapterkit | 3.00 | n/a | 2.00 | n/a | 1.25 | n/a |" in text
+    # The raw step ratio 1.50, and 1.10 once each library is divided by the floor timed beside it.
+    assert "| lora | peft | 1.50 | 1.10 | 1.00 (within noise) |" in text
+    # train / floor, the same in turns, train / full fine-tuning, inference / the floor process's bare
+    # model, merged, inference / the bare model timed in turns, merged
+    assert "| lora | adapterkit | 3.00 | 1.10 | n/a | 2.00 | n/a | 1.25 | n/a |" in text
     assert "| llama-128m | adapterkit | ia3 | setup | ValueError: bad |" in text
     assert "![training-step ratios](ratios.png)" in text
 
@@ -123,7 +128,7 @@ def test_render_findings_and_heap_ratio():
 
     assert text.startswith("# adapterkit benchmark results\n\n## Where the targets stand\n\n- all met\n")
     assert "| lora | adapterkit | 1000.0 [1000.0-1000.0] | - | - | - | - | 300 (200) |" in text
-    assert "| lora | peft | 1.00 (within noise) | n/a | n/a | n/a | 0.75 | n/a |" in text
+    assert "| lora | peft | 1.00 (within noise) | n/a | n/a | n/a | n/a | 0.75 | n/a |" in text
 
 
 def test_heap_peak_grows_with_the_batch():
@@ -177,6 +182,41 @@ def test_alternating_inference_takes_turns():
     assert all(not training and inference for _, training, inference in calls)
     assert [len(durations) for durations, _ in results] == [5, 5]
     assert torch.equal(results[1][1], torch.full((2, 3), 2.0))
+
+
+def test_alternating_training_takes_turns():
+    import measure
+    import torch
+    from torch import nn
+
+    calls = []
+
+    class Classifier(nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+            self.weight = nn.Parameter(torch.ones(3))
+
+        def forward(self, input_ids, labels):
+            calls.append((self.name, self.training, torch.is_grad_enabled()))
+            # Like the floor's input embeddings, the input needs a gradient even where the weight has none.
+            hidden = input_ids.float().requires_grad_(True)
+            return type("Output", (), {"loss": (hidden * self.weight).sum()})()
+
+    batch = {"input_ids": torch.ones(2, 3), "labels": torch.zeros(2)}
+    frozen, trained = Classifier("floor"), Classifier("adapter")
+    frozen.weight.requires_grad_(False)
+    frozen.eval()
+    before = trained.weight.detach().clone()
+    floor, adapter = measure.time_training_alternating([(frozen, []), (trained, [trained.weight])], batch,
+                                                       warmup=1, steps=3, device=torch.device("cpu"), rounds=3)
+
+    # Warm-up, then rounds of one step: floor, adapter; adapter, floor; floor, adapter.
+    assert [name for name, _, _ in calls] == ["floor", "adapter", "floor", "adapter", "adapter", "floor", "floor",
+                                              "adapter"]
+    assert all(training and grad for _, training, grad in calls)
+    assert (len(floor), len(adapter)) == (3, 3)
+    assert not torch.equal(trained.weight, before)
 
 
 def test_plot_ratios_writes_png(tmp_path):
