@@ -40,7 +40,6 @@ BASELINE = "baseline"
 FROZEN = "frozen"
 FULL_FINETUNE = "full_finetune"
 ROUTING = "routing"
-BASELINE_METHODS = (FROZEN, FULL_FINETUNE)
 
 logger = logging.getLogger("bench")
 
@@ -393,7 +392,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-routing", action="store_true", help="skip the per-sample routing check")
     parser.add_argument("--no-floor-in-turns", action="store_true",
                         help="skip timing the frozen floor in turns with each method's training steps in its own "
-                             "process (that doubles the training time of a run)")
+                             "process; that timing doubles the training time of a run")
     parser.add_argument("--device", default="cpu", help="torch device for every configuration: cpu or cuda[:N]")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads per process (default: the cores this process may use)")
