@@ -17,6 +17,7 @@ import transformers
 from torch import nn
 from torch.nn import functional as F
 
+from adapterkit import prefix_attention
 from adapterkit.methods.prefix import PrefixTuning
 from adapterkit.prefix_attention import (
     IMPLEMENTATION_PREFIX,
@@ -110,16 +111,20 @@ def tiny_config(family: str) -> transformers.PretrainedConfig:
     raise ValueError(f"no tiny config for family {family!r}")
 
 
-def build_model(family: str, implementation: str | None = None, seed: int = 0) -> nn.Module:
+def build_model(family: str, implementation: str | None = None, seed: int = 0,
+                config_changes: dict | None = None) -> nn.Module:
     """Return a tiny random model of ``family`` in eval mode: a base encoder, a causal LM or a seq2seq LM.
 
     ``implementation`` defaults to ``"sdpa"``, or ``"eager"`` where the family has only that.
+    ``config_changes`` sets attributes of the config before the model is built.
     """
     if family in HOOKED or (implementation is None and family in NO_SDPA):
         implementation = "eager"
     implementation = implementation or "sdpa"
     torch.manual_seed(seed)
     config = tiny_config(family)
+    for name, value in (config_changes or {}).items():
+        setattr(config, name, value)
     if family in DECODERS:
         auto = transformers.AutoModelForCausalLM
     elif family in SEQ2SEQ:
@@ -453,6 +458,99 @@ def test_deberta_v2_attention_matches_hand_computation():
     # DeBERTa masks the padded query rows of row 1 in full, so only its real query rows are compared.
     torch.testing.assert_close(record["output"][0][0], expected[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(record["output"][0][1, :4], expected[1, :4], atol=1e-5, rtol=0)
+
+
+# -- the CPU attention path for training with dropout ---------------------------------------------
+
+
+@pytest.mark.parametrize("scaling", [None, 0.3])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
+def test_cpu_dropout_attention_matches_hand_computation(mask_kind, scaling):
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 4, 5, 8, generator=generator)
+    # Two key/value heads for four query heads: each serves two consecutive query heads.
+    key = torch.randn(2, 2, 7, 8, generator=generator)
+    value = torch.randn(2, 2, 7, 8, generator=generator)
+    attend = torch.ones(2, 1, 5, 7, dtype=torch.bool)
+    attend[1, :, :, 5:] = False
+    mask = {None: None, "bool": attend, "additive": torch.zeros(2, 1, 5, 7).masked_fill(~attend, -1e9)}[mask_kind]
+    dropout = 0.4
+
+    torch.manual_seed(11)
+    output = prefix_attention.cpu_dropout_attention(query, key, value, mask, dropout, scaling)
+    torch.manual_seed(11)
+    keep = torch.rand(2, 4, 5, 7) >= dropout
+
+    scores = query @ key.repeat_interleave(2, dim=1).transpose(-1, -2) * (scaling or 8 ** -0.5)
+    if mask_kind is not None:
+        scores = scores.masked_fill(~attend, float("-inf"))
+    weights = scores.softmax(-1) * keep / (1 - dropout)
+    torch.testing.assert_close(output, weights @ value.repeat_interleave(2, dim=1), atol=1e-6, rtol=1e-5)
+    # About 40% of the weights are dropped.
+    assert 0.25 < 1 - keep.float().mean().item() < 0.55
+
+
+# Config settings per family: attention dropout of 1e-12, which takes the CPU path in training but
+# drops nothing, and no other dropout.
+TINY_ATTENTION_DROPOUT = {
+    "bert": {"attention_probs_dropout_prob": 1e-12, "hidden_dropout_prob": 0.0},
+    "roberta": {"attention_probs_dropout_prob": 1e-12, "hidden_dropout_prob": 0.0},
+    "electra": {"attention_probs_dropout_prob": 1e-12, "hidden_dropout_prob": 0.0},
+    "distilbert": {"attention_dropout": 1e-12, "dropout": 0.0},
+    "gpt2": {"attn_pdrop": 1e-12, "resid_pdrop": 0.0, "embd_pdrop": 0.0},
+    "llama": {"attention_dropout": 1e-12},
+    "mistral": {"attention_dropout": 1e-12},
+    "qwen2": {"attention_dropout": 1e-12},
+    "gemma3": {"attention_dropout": 1e-12},
+    "bart": {"attention_dropout": 1e-12, "dropout": 0.0, "activation_dropout": 0.0},
+    "t5": {"dropout_rate": 1e-12},
+}
+# T5 passes its position bias, which the CPU path does not take, and DistilBERT in transformers 4.x
+# has a hook patch that always calls SDPA.
+CPU_PATH_FAMILIES = {family for family in TINY_ATTENTION_DROPOUT
+                     if family != "t5" and not (TRANSFORMERS_MAJOR < 5 and family == "distilbert")}
+
+
+@pytest.mark.parametrize("family", [
+    pytest.param(family, marks=pytest.mark.skipif(family in NO_SDPA, reason=NO_SDPA_REASON))
+    for family in TINY_ATTENTION_DROPOUT])
+def test_training_with_attention_dropout_matches_sdpa(family, monkeypatch):
+    model = build_model(family, "sdpa", config_changes=TINY_ATTENTION_DROPOUT[family])
+    enable_prefix_attention(model)
+    sources = attach_prefixes(model, family)
+    for source in sources:
+        source.key.requires_grad_(True)
+        source.value.requires_grad_(True)
+    calls = []
+    cpu_attention = prefix_attention.cpu_dropout_attention
+    monkeypatch.setattr(prefix_attention, "cpu_dropout_attention",
+                        lambda *args: calls.append(args[0].shape) or cpu_attention(*args))
+    batch, _, _ = padded_batch(family)
+
+    def output_and_gradients(training: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.train(training)
+        for source in sources:
+            source.key.grad = source.value.grad = None
+        output = model(**batch)
+        main = output.logits if hasattr(output, "logits") else output.last_hidden_state
+        main.square().sum().backward()
+        return main.detach(), [tensor.grad for source in sources for tensor in (source.key, source.value)]
+
+    expected, expected_gradients = output_and_gradients(False)
+    assert not calls
+    output, gradients = output_and_gradients(True)
+
+    assert bool(calls) == (family in CPU_PATH_FAMILIES)
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-4)
+    for gradient, expected_gradient in zip(gradients, expected_gradients):
+        torch.testing.assert_close(gradient, expected_gradient, atol=1e-5, rtol=1e-4)
+
+    # Without prefixes, training runs the model's own attention.
+    calls.clear()
+    for module in attention_modules(model, family):
+        set_prefix_source(module, None)
+    model(**batch)
+    assert not calls
 
 
 # -- padding, implementations and generation -----------------------------------------------------

@@ -485,6 +485,12 @@ class PrefixAttentionFunction:
                 kwargs["position_bias"] = prepend_columns(kwargs["position_bias"], length, 0.0)
         key = torch.cat([prefix_key, key], dim=2)
         value = torch.cat([prefix_value, value], dim=2)
+        dropout = kwargs.get("dropout", 0.0)
+        if (self.base_implementation == "sdpa" and takes_cpu_dropout_path(query, dropout)
+                and all(kwargs.get(name) is None for name in _SCORE_CHANGING_ARGUMENTS)):
+            # The causal pattern of a None mask is in attention_mask now (see above).
+            output = cpu_dropout_attention(query, key, value, attention_mask, dropout, kwargs.get("scaling"))
+            return output.transpose(1, 2).contiguous(), None
         return attention(module, query, key, value, attention_mask, **kwargs)
 
     def _base_function(self, module: nn.Module) -> Callable:
@@ -502,6 +508,56 @@ class PrefixAttentionFunction:
                                f"cannot run the {self.base_implementation!r} implementation for "
                                f"{type(module).__name__}; use attn_implementation='sdpa'")
         return function
+
+
+# Arguments of the AttentionInterface that change the scores beyond mask, scaling and dropout.
+_SCORE_CHANGING_ARGUMENTS = ("position_bias", "softcap", "s_aux", "sinks", "head_mask")
+
+
+def takes_cpu_dropout_path(query: torch.Tensor, dropout: float) -> bool:
+    """Return whether prefixed attention on ``query`` runs ``cpu_dropout_attention`` instead of SDPA."""
+    return 0.0 < dropout < 1.0 and query.device.type == "cpu" and query.dtype == torch.float32
+
+
+def cpu_dropout_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                          dropout: float, scaling: float | None = None) -> torch.Tensor:
+    """Compute SDPA's attention with dropout in the way that is fastest on the CPU.
+
+    With a dropout probability above zero, SDPA on the CPU takes its math path, which draws the dropout
+    mask with ``bernoulli_`` (about 40% of the attention's forward and backward time at BERT's
+    sizes), and runs a softmax that checks for fully masked rows. Here the mask is a uniform draw
+    compared with the probability, which keeps each weight with probability ``1 - dropout`` as
+    SDPA does, at about half the cost. The random numbers differ from SDPA's for the same seed.
+
+    Args:
+        query: ``(batch, heads, q_len, head_dim)``.
+        key: ``(batch, kv_heads, k_len, head_dim)``; with fewer heads than the query, each key head
+            serves ``heads // kv_heads`` consecutive query heads, as in SDPA's ``enable_gqa``.
+        value: ``(batch, kv_heads, k_len, head_dim)``.
+        mask: ``None``, a boolean mask (True attends) or an additive one, broadcastable to the scores
+            ``(batch, heads, q_len, k_len)``.
+        dropout: The probability of dropping an attention weight, in (0, 1).
+        scaling: The factor of the scores, ``head_dim ** -0.5`` when ``None``.
+
+    Returns:
+        ``(batch, heads, q_len, head_dim)``.
+    """
+    if key.shape[1] != query.shape[1]:
+        groups = query.shape[1] // key.shape[1]
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(-1, -2))
+    # In place: the matmul's backward reads its inputs, not its output.
+    scores.mul_(query.shape[-1] ** -0.5 if scaling is None else scaling)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=scores.dtype, device=mask.device).masked_fill_(
+                ~mask, torch.finfo(scores.dtype).min)
+        scores = scores + mask
+    weights = torch.softmax(scores, dim=-1)
+    with torch.no_grad():
+        keep = torch.rand_like(weights).ge_(dropout).mul_(1.0 / (1.0 - dropout))
+    return torch.matmul(weights * keep, value)
 
 
 def _concatenated_bias_message(module: nn.Module, mode: str = "concatenated") -> str:
@@ -994,6 +1050,10 @@ class _BertPatch(_CachedAttentionPatch):
     when a decoder passes no mask, so in that case the pre-hook passes that pattern as an explicit
     mask with the prefix columns before it.
 
+    In training on the CPU with attention dropout, the SDPA class's self-attention without a cache
+    runs ``_forward`` in place of the class's forward when a prefix is active: the same projections,
+    and ``cpu_dropout_attention`` in place of SDPA. Every other call runs the class's forward.
+
     NOTE: a source that reads the query's values makes the pre-hook run the query projection once more
     (``source_query``). adapterkit's own prefix sites read only its shape.
     """
@@ -1002,6 +1062,38 @@ class _BertPatch(_CachedAttentionPatch):
     key_projection = "key"
     value_projection = "value"
     cross_attention_input = "encoder_hidden_states"
+
+    def __init__(self, module: nn.Module):
+        super().__init__(module)
+        if type(module).__name__.endswith("SdpaSelfAttention"):
+            module.forward = self._forward
+
+    def remove(self) -> None:
+        self.module.__dict__.pop("forward", None)
+        super().remove()
+
+    def _forward(self, *args, **kwargs):
+        module = self.module
+        hidden_states = self._arguments.get(args, kwargs, "hidden_states")
+        mask = self._arguments.get(args, kwargs, "attention_mask")
+        # The pre-hook has run: it set the prefix length and gave a decoder's causal pattern as a mask.
+        own_path = (getattr(self._state, "length", 0) and module.training
+                    and takes_cpu_dropout_path(hidden_states, module.dropout_prob)
+                    and (mask is not None or not module.is_decoder or hidden_states.shape[1] == 1)
+                    and not self._arguments.get(args, kwargs, "output_attentions")
+                    and all(self._arguments.get(args, kwargs, name) is None
+                            for name in ("head_mask", "encoder_hidden_states", "past_key_values"))
+                    and kwargs.get("past_key_value") is None)
+        if not own_path:
+            return type(module).forward(module, *args, **kwargs)
+        batch, length, _ = hidden_states.shape
+        shape = (batch, -1, module.num_attention_heads, module.attention_head_size)
+        query = module.query(hidden_states).view(shape).transpose(1, 2)
+        # The projection hooks put the prefix rows before the keys and values.
+        key = module.key(hidden_states).view(shape).transpose(1, 2)
+        value = module.value(hidden_states).view(shape).transpose(1, 2)
+        output = cpu_dropout_attention(query, key, value, mask, module.dropout_prob)
+        return output.transpose(1, 2).reshape(batch, length, module.all_head_size), None
 
     def _query(self, module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
         return source_query(module, module.query, hidden_states, module.num_attention_heads)
