@@ -1,4 +1,4 @@
-"""Prefix keys and values inside transformers attention layers, without copying any model's forward.
+"""Prefix keys and values inside transformers attention layers, mostly without copying a model's forward.
 
 Prefix tuning (Li and Liang, 2021) puts trained key/value positions before the real keys and values
 of an attention layer. Each attention module gets a *prefix source* (``set_prefix_source``), a
@@ -16,6 +16,11 @@ the model's attention through code that prepends them:
   transformers version, and BERT, RoBERTa, ELECTRA, DistilBERT and T5 in transformers 4.x. The
   configs of these families keep their implementation. With a KV cache (T5 and BERT-style
   decoders), the patch prepends the prefix to what the cache returns, so the cache never stores it.
+
+In training on the CPU with attention dropout, prefixed attention that would call SDPA runs
+``cpu_dropout_attention`` instead, which draws the dropout mask at about half SDPA's cost there. On
+transformers 4.x, BERT-style SDPA self-attention gets that path through a forward override that
+repeats the class's three projections for this one case.
 
 In every family the prefix columns are always attended (padding and causal masks do not cover
 them). By default they get zero position bias (T5's relative bias, MPNet's and DeBERTa-v2's
@@ -524,7 +529,7 @@ def cpu_dropout_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
     """Compute SDPA's attention with dropout in the way that is fastest on the CPU.
 
     With a dropout probability above zero, SDPA on the CPU takes its math path, which draws the dropout
-    mask with ``bernoulli_`` (about 40% of the attention's forward and backward time at BERT's
+    mask with ``bernoulli_`` (about a third of the attention's forward and backward time at BERT's
     sizes), and runs a softmax that checks for fully masked rows. Here the mask is a uniform draw
     compared with the probability, which keeps each weight with probability ``1 - dropout`` as
     SDPA does, at about half the cost. The random numbers differ from SDPA's for the same seed.
