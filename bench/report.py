@@ -451,19 +451,32 @@ def _measured_code(versions: dict) -> dict:
     return versions
 
 
-def merge_documents(documents: list[dict], sources: list[str]) -> dict:
+_TREE_KEYS = ("adapterkit_commit", "adapterkit_src_tree", "adapterkit_src_modified")
+
+
+def merge_documents(documents: list[dict], sources: list[str], newest_tree_wins: bool = False) -> dict:
     """Combine results files of the same settings, versions and CPU into one document.
 
     Runs of the same configuration in different files count as reruns.
 
+    Args:
+        documents: The results documents.
+        sources: Their file names, for messages and the report.
+        newest_tree_wins: Accept files measured at different adapterkit ``src/`` trees. Each
+            configuration (model, library, method) then keeps only the runs of the newest tree that
+            measured it (the tree of the most recently created file among those that have it), and
+            ``merged["src_trees"]`` says which configurations each tree gave.
+
     Raises:
         ValueError: If a file differs from the first in a setting of ``MATCHING_SETTINGS``, a
-            package version or the CPU model, naming the file and what differs.
+            package version or the CPU model, naming the file and what differs; with
+            ``newest_tree_wins``, also if a file recorded no clean ``src/`` tree.
     """
     first = documents[0]
+    measured = _versions_besides_tree if newest_tree_wins else _measured_code
     for source, other in zip(sources[1:], documents[1:]):
         differing = [key for key in MATCHING_SETTINGS if other["settings"].get(key) != first["settings"].get(key)]
-        if _measured_code(other["versions"]) != _measured_code(first["versions"]):
+        if measured(other["versions"]) != measured(first["versions"]):
             differing.append("versions")
         if other["machine"]["cpu_model"] != first["machine"]["cpu_model"]:
             differing.append("cpu_model")
@@ -472,13 +485,69 @@ def merge_documents(documents: list[dict], sources: list[str]) -> dict:
     merged = dict(first)
     merged["parts"] = [_part(document, source) for document, source in zip(documents, sources)]
     merged["runs"] = [run for document in documents for run in document["runs"]]
+    if newest_tree_wins:
+        merged["runs"], merged["src_trees"] = _newest_tree_runs(documents, sources)
     merged["workloads"] = {name: workload for document in documents for name, workload in document["workloads"].items()}
     merged["elapsed_s"] = sum(part["elapsed_s"] for part in merged["parts"])
     return merged
 
 
+def _versions_besides_tree(versions: dict) -> dict:
+    return {key: value for key, value in versions.items() if key not in _TREE_KEYS}
+
+
+def _newest_tree_runs(documents: list[dict], sources: list[str]) -> tuple[list[dict], list[dict]]:
+    """Return the runs that ``merge_documents(..., newest_tree_wins=True)`` keeps, and the trees they come from.
+
+    Each tree is ``{"tree", "commits", "configurations"}``, newest first; ``configurations`` lists
+    ``"model library method"`` for each configuration that the tree gave.
+    """
+    for source, document in zip(sources, documents):
+        versions = document["versions"]
+        if not versions.get("adapterkit_src_tree") or versions.get("adapterkit_src_modified"):
+            raise ValueError(f"{source} recorded no clean adapterkit src/ tree, so its runs cannot be ordered by "
+                             "tree; report it without --newest-tree-wins")
+
+    def key(run: dict) -> tuple[str, str, str]:
+        return run["model"], run["library"], run["method"]
+
+    def tree(document: dict) -> str:
+        return document["versions"]["adapterkit_src_tree"]
+
+    newest_first = sorted(documents, key=lambda document: document["created"], reverse=True)
+    chosen: dict[tuple[str, str, str], str] = {}
+    for document in newest_first:
+        for run in document["runs"]:
+            chosen.setdefault(key(run), tree(document))
+    trees: dict[str, dict] = {}
+    for document in newest_first:
+        entry = trees.setdefault(tree(document), {"tree": tree(document), "commits": [], "configurations": []})
+        commit = str(document["versions"].get("adapterkit_commit"))
+        if commit not in entry["commits"]:
+            entry["commits"].append(commit)
+        for run in document["runs"]:
+            name = " ".join(key(run))
+            if chosen[key(run)] == tree(document) and name not in entry["configurations"]:
+                entry["configurations"].append(name)
+    # In the files' order, as without the option.
+    runs = [run for document in documents for run in document["runs"] if chosen[key(run)] == tree(document)]
+    return runs, [entry for entry in trees.values() if entry["configurations"]]
+
+
 def _load_text(values: list[float] | None) -> str:
     return "-" if not values else ", ".join(f"{value:.2f}" for value in values)
+
+
+def _tree_lines(document: dict) -> list[str]:
+    trees = document.get("src_trees") or []
+    if len(trees) < 2:
+        return []
+    lines = ["- adapterkit src/ trees: each configuration comes from the newest tree that measured it"]
+    for position, entry in enumerate(trees):
+        label = "newest" if position == 0 else "older"
+        lines.append(f"  - {label} tree {entry['tree'][:12]} (commit {', '.join(c[:12] for c in entry['commits'])}): "
+                     + ", ".join(entry["configurations"]))
+    return lines
 
 
 def _settings_lines(document: dict) -> list[str]:
@@ -499,6 +568,7 @@ def _settings_lines(document: dict) -> list[str]:
                                                   "adapterkit_src_modified")),
         "- adapterkit commit: " + ", ".join(dict.fromkeys(str(part["commit"]) for part in parts))
         + (" with uncommitted changes under src/" if versions.get("adapterkit_src_modified") else ""),
+    ] + _tree_lines(document) + [
         f"- Steps: {settings['warmup']} warm-up, then {settings['steps']} timed training steps and "
         f"{settings['inference_steps']} timed forward passes per inference loop; seed {settings['seed']}",
         f"- Memory: {document['memory_method']}",
@@ -615,11 +685,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="PNG file for the ratio plot (default: ratios.png beside --output)")
     parser.add_argument("--findings", type=Path, default=BENCH_DIR / "FINDINGS.md",
                         help="hand-written Markdown put at the top of the report, if the file exists")
+    parser.add_argument("--newest-tree-wins", action="store_true",
+                        help="accept files measured at different adapterkit src/ trees; each configuration keeps "
+                             "only the runs of the newest tree that measured it, and the report lists the trees")
     arguments = parser.parse_args(argv)
 
     paths = arguments.results or [newest_results()]
     try:
-        document = merge_documents([json.loads(path.read_text()) for path in paths], [str(path) for path in paths])
+        document = merge_documents([json.loads(path.read_text()) for path in paths], [str(path) for path in paths],
+                                   newest_tree_wins=arguments.newest_tree_wins)
     except ValueError as error:
         sys.exit(str(error))
     plot_path = arguments.plot or arguments.output.with_name("ratios.png")

@@ -551,6 +551,8 @@ def test_training_with_attention_dropout_matches_sdpa(family, monkeypatch):
         set_prefix_source(module, None)
     model(**batch)
     assert not calls
+    disable_prefix_attention(model)
+    assert not [name for name, module in model.named_modules() if "forward" in module.__dict__]
 
 
 # -- padding, implementations and generation -----------------------------------------------------
@@ -789,7 +791,7 @@ def test_cache_holds_no_prefix():
 # -- copies, gradients, dtypes -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["llama", "t5", "mpnet", "deberta-v2"])
+@pytest.mark.parametrize("family", ["bert", "llama", "t5", "mpnet", "deberta-v2"])
 def test_deepcopy_and_pickle_keep_outputs(family):
     model = build_model(family)
     enable_prefix_attention(model)

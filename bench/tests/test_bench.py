@@ -297,3 +297,47 @@ def test_merge_documents_accepts_commits_with_one_src_tree():
     assert "- adapterkit commit: aaa, bbb" in report.render(merged, plot_name=None)
     with pytest.raises(ValueError, match="c.json differs from a.json in versions"):
         report.merge_documents([first, third], ["a.json", "c.json"])
+
+
+def _tree_document(created, tree, commit, runs):
+    document = _document(runs)
+    document["created"] = created
+    document["versions"] = {"torch": "x", "adapterkit_commit": commit, "adapterkit_src_tree": tree,
+                            "adapterkit_src_modified": False}
+    return document
+
+
+def test_merge_documents_newest_tree_wins_per_configuration():
+    older = _tree_document("2026-01-01T00:00:00+00:00", "t1", "aaa", [
+        _run("llama-128m", "adapterkit", "lora", train_step_s=[1.0]),
+        _run("llama-128m", "adapterkit", "ia3", train_step_s=[5.0]),
+    ])
+    newer = _tree_document("2026-01-02T00:00:00+00:00", "t2", "bbb", [
+        _run("llama-128m", "adapterkit", "lora", train_step_s=[2.0]),
+    ])
+
+    # The newer file first on the command line: the order of the files does not decide.
+    merged = report.merge_documents([newer, older], ["new.json", "old.json"], newest_tree_wins=True)
+    groups = report.group_runs(merged)
+
+    assert groups[("llama-128m", "adapterkit", "lora")].timing("train_step_s").median == 2.0
+    assert groups[("llama-128m", "adapterkit", "ia3")].timing("train_step_s").median == 5.0
+    assert [(entry["tree"], entry["configurations"]) for entry in merged["src_trees"]] == [
+        ("t2", ["llama-128m adapterkit lora"]), ("t1", ["llama-128m adapterkit ia3"])]
+    text = report.render(merged, plot_name=None)
+    assert "  - newest tree t2 (commit bbb): llama-128m adapterkit lora" in text
+    assert "  - older tree t1 (commit aaa): llama-128m adapterkit ia3" in text
+    with pytest.raises(ValueError, match="old.json differs from new.json in versions"):
+        report.merge_documents([newer, older], ["new.json", "old.json"])
+
+
+def test_merge_documents_newest_tree_wins_needs_clean_trees():
+    first = _tree_document("2026-01-01T00:00:00+00:00", "t1", "aaa", [])
+    second = _tree_document("2026-01-02T00:00:00+00:00", "t2", "bbb", [])
+    second["versions"]["adapterkit_src_modified"] = True
+
+    with pytest.raises(ValueError, match="b.json recorded no clean adapterkit src/ tree"):
+        report.merge_documents([first, second], ["a.json", "b.json"], newest_tree_wins=True)
+    second["versions"]["torch"] = "y"
+    with pytest.raises(ValueError, match="b.json differs from a.json in versions"):
+        report.merge_documents([first, second], ["a.json", "b.json"], newest_tree_wins=True)
