@@ -505,8 +505,9 @@ def _newest_tree_runs(documents: list[dict], sources: list[str]) -> tuple[list[d
     for source, document in zip(sources, documents):
         versions = document["versions"]
         if not versions.get("adapterkit_src_tree") or versions.get("adapterkit_src_modified"):
-            raise ValueError(f"{source} recorded no clean adapterkit src/ tree, so its runs cannot be ordered by "
-                             "tree; report it without --newest-tree-wins")
+            raise ValueError(f"{source} has no clean adapterkit src/ tree recorded (adapterkit_src_tree is missing "
+                             "or src/ had uncommitted changes), so its runs cannot be ordered by tree. Report it "
+                             "without --newest-tree-wins, or rerun it from a commit")
 
     def key(run: dict) -> tuple[str, str, str]:
         return run["model"], run["library"], run["method"]
@@ -564,8 +565,7 @@ def _settings_lines(document: dict) -> list[str]:
         f"({machine['cores_available']} available to the run), {settings['threads']} torch thread(s) per process, "
         f"device {settings['device']}" + (f" ({machine['gpu']})" if machine.get("gpu") else ""),
         "- Versions: " + ", ".join(f"{name} {value}" for name, value in versions.items()
-                                  if name not in ("adapterkit_commit", "adapterkit_src_tree",
-                                                  "adapterkit_src_modified")),
+                                  if name not in _TREE_KEYS),
         "- adapterkit commit: " + ", ".join(dict.fromkeys(str(part["commit"]) for part in parts))
         + (" with uncommitted changes under src/" if versions.get("adapterkit_src_modified") else ""),
     ] + _tree_lines(document) + [

@@ -465,7 +465,7 @@ def test_deberta_v2_attention_matches_hand_computation():
 
 @pytest.mark.parametrize("scaling", [None, 0.3])
 @pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
-def test_cpu_dropout_attention_matches_hand_computation(mask_kind, scaling):
+def test_cpu_dropout_attention_by_hand(mask_kind, scaling):
     generator = torch.Generator().manual_seed(0)
     query = torch.randn(2, 4, 5, 8, generator=generator)
     # Two key/value heads for four query heads: each serves two consecutive query heads.
@@ -514,7 +514,7 @@ CPU_PATH_FAMILIES = {family for family in TINY_ATTENTION_DROPOUT
 @pytest.mark.parametrize("family", [
     pytest.param(family, marks=pytest.mark.skipif(family in NO_SDPA, reason=NO_SDPA_REASON))
     for family in TINY_ATTENTION_DROPOUT])
-def test_training_with_attention_dropout_matches_sdpa(family, monkeypatch):
+def test_dropout_training_matches_sdpa(family, monkeypatch):
     model = build_model(family, "sdpa", config_changes=TINY_ATTENTION_DROPOUT[family])
     enable_prefix_attention(model)
     sources = attach_prefixes(model, family)
@@ -523,8 +523,12 @@ def test_training_with_attention_dropout_matches_sdpa(family, monkeypatch):
         source.value.requires_grad_(True)
     calls = []
     cpu_attention = prefix_attention.cpu_dropout_attention
-    monkeypatch.setattr(prefix_attention, "cpu_dropout_attention",
-                        lambda *args: calls.append(args[0].shape) or cpu_attention(*args))
+
+    def counting_attention(*args):
+        calls.append(args[0].shape)
+        return cpu_attention(*args)
+
+    monkeypatch.setattr(prefix_attention, "cpu_dropout_attention", counting_attention)
     batch, _, _ = padded_batch(family)
 
     def output_and_gradients(training: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:

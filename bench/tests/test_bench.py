@@ -307,7 +307,7 @@ def _tree_document(created, tree, commit, runs):
     return document
 
 
-def test_merge_documents_newest_tree_wins_per_configuration():
+def test_newest_tree_wins_per_configuration():
     older = _tree_document("2026-01-01T00:00:00+00:00", "t1", "aaa", [
         _run("llama-128m", "adapterkit", "lora", train_step_s=[1.0]),
         _run("llama-128m", "adapterkit", "ia3", train_step_s=[5.0]),
@@ -331,12 +331,12 @@ def test_merge_documents_newest_tree_wins_per_configuration():
         report.merge_documents([newer, older], ["new.json", "old.json"])
 
 
-def test_merge_documents_newest_tree_wins_needs_clean_trees():
+def test_newest_tree_needs_clean_trees():
     first = _tree_document("2026-01-01T00:00:00+00:00", "t1", "aaa", [])
     second = _tree_document("2026-01-02T00:00:00+00:00", "t2", "bbb", [])
     second["versions"]["adapterkit_src_modified"] = True
 
-    with pytest.raises(ValueError, match="b.json recorded no clean adapterkit src/ tree"):
+    with pytest.raises(ValueError, match="b.json has no clean adapterkit src/ tree recorded"):
         report.merge_documents([first, second], ["a.json", "b.json"], newest_tree_wins=True)
     second["versions"]["torch"] = "y"
     with pytest.raises(ValueError, match="b.json differs from a.json in versions"):

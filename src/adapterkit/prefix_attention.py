@@ -1084,15 +1084,7 @@ class _BertPatch(_CachedAttentionPatch):
         module = self.module
         hidden_states = self._arguments.get(args, kwargs, "hidden_states")
         mask = self._arguments.get(args, kwargs, "attention_mask")
-        # The pre-hook has run: it set the prefix length and gave a decoder's causal pattern as a mask.
-        own_path = (getattr(self._state, "length", 0) and module.training
-                    and takes_cpu_dropout_path(hidden_states, module.dropout_prob)
-                    and (mask is not None or not module.is_decoder or hidden_states.shape[1] == 1)
-                    and not self._arguments.get(args, kwargs, "output_attentions")
-                    and all(self._arguments.get(args, kwargs, name) is None
-                            for name in ("head_mask", "encoder_hidden_states", "past_key_values"))
-                    and kwargs.get("past_key_value") is None)
-        if not own_path:
+        if not self._takes_own_path(args, kwargs, hidden_states, mask):
             return type(module).forward(module, *args, **kwargs)
         batch, length, _ = hidden_states.shape
         shape = (batch, -1, module.num_attention_heads, module.attention_head_size)
@@ -1102,6 +1094,22 @@ class _BertPatch(_CachedAttentionPatch):
         value = module.value(hidden_states).view(shape).transpose(1, 2)
         output = cpu_dropout_attention(query, key, value, mask, module.dropout_prob)
         return output.transpose(1, 2).reshape(batch, length, module.all_head_size), None
+
+    def _takes_own_path(self, args: tuple, kwargs: dict, hidden_states: torch.Tensor,
+                        mask: torch.Tensor | None) -> bool:
+        """Return whether ``_forward`` computes this call itself instead of running the class's forward."""
+        module = self.module
+        # The pre-hook has run: it set the prefix length and gave a decoder's causal pattern as a mask.
+        if not getattr(self._state, "length", 0) or not module.training:
+            return False
+        if not takes_cpu_dropout_path(hidden_states, module.dropout_prob):
+            return False
+        if mask is None and module.is_decoder and hidden_states.shape[1] > 1:
+            return False
+        if self._arguments.get(args, kwargs, "output_attentions") or kwargs.get("past_key_value") is not None:
+            return False
+        others = ("head_mask", "encoder_hidden_states", "past_key_values")
+        return all(self._arguments.get(args, kwargs, name) is None for name in others)
 
     def _query(self, module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
         return source_query(module, module.query, hidden_states, module.num_attention_heads)
