@@ -34,6 +34,31 @@ def _projection(in_features: int, out_features: int, config: BottleneckConfig, c
     return nn.Linear(in_features, out_features)
 
 
+def up_projection_added(residual: torch.Tensor, branch: torch.Tensor, up: nn.Linear | PHMLinear,
+                        scaling: float) -> torch.Tensor:
+    """Return ``residual + scaling * (branch W_up + b_up)`` as one matrix product.
+
+    ``addmm`` adds the residual while it writes the product, and the bias rides along as one more
+    input column of ones, so neither the bias, the scaling nor the residual takes a pass over the
+    ``(batch, seq_len, hidden)`` output, forward or backward. A bottleneck is narrow, so the extra
+    column costs little.
+
+    Args:
+        residual: ``(..., hidden)``, what the adapter output is added to.
+        branch: ``(..., width)``, the adapter's activations.
+        up: The up projection: ``nn.Linear`` or ``PHMLinear``.
+        scaling: Factor on the up projection's output.
+    """
+    # Both layers' weights as (width, hidden): nn.Linear keeps (hidden, width), PHMLinear (width, hidden).
+    weight = up.weight.t() if isinstance(up, nn.Linear) else up.weight()
+    rows = branch.reshape(-1, branch.shape[-1])
+    if up.bias is not None:
+        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+        weight = torch.cat([weight, up.bias.unsqueeze(0)], dim=0)
+    output = torch.addmm(residual.reshape(-1, residual.shape[-1]), rows, weight, alpha=scaling)
+    return output.view(residual.shape)
+
+
 class Bottleneck(nn.Module):
     """One bottleneck adapter at one place in the model.
 
@@ -99,6 +124,30 @@ class Bottleneck(nn.Module):
         # Each convolution keeps its own past inputs, under its own key of the site's state.
         return projection(hidden, mask=mask, state=None if state is None else state.setdefault(name, {}))
 
+    def _adds_in_up_projection(self, branch: torch.Tensor, residual: torch.Tensor) -> bool:
+        """Whether ``up_projection_added`` computes this adapter's output.
+
+        It needs a plain number as scaling, no output dropout, norm or gate, and one dtype throughout.
+        Autocast is excluded because it would turn the residual stream into the lower precision. The
+        up projection's forward is not called, so no hook or replaced forward may watch it.
+        """
+        up = self.up_proj
+        if self.is_conv or self.norm_after is not None or self.gate is not None:
+            return False
+        if not isinstance(self.scaling, float):
+            return False
+        if self.training and self.dropout.p > 0:
+            return False
+        if torch.is_autocast_enabled(branch.device.type):
+            return False
+        if branch.dtype != residual.dtype or residual.shape[:-1] != branch.shape[:-1]:
+            return False
+        if up._forward_hooks or up._forward_pre_hooks or "forward" in up.__dict__:
+            return False
+        if not isinstance(up, (nn.Linear, PHMLinear)):
+            return False
+        return all(parameter.dtype == branch.dtype for parameter in up.parameters())
+
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor, mask: torch.Tensor | None = None,
                 state: dict | None = None) -> torch.Tensor:
         """Compute ``residual + norm_after(scaling * W_up f(W_down x + b_down) + b_up)``.
@@ -115,8 +164,13 @@ class Bottleneck(nn.Module):
         if self.norm_before is not None:
             hidden_states = self.norm_before(hidden_states)
         branch = self._project(self.down_proj, hidden_states, mask, state, "down")
-        branch = self._project(self.up_proj, self.non_linearity(branch), mask, state, "up")
-        branch = self.dropout(branch * self.scaling)
+        branch = self.non_linearity(branch)
+        if self._adds_in_up_projection(branch, residual):
+            return up_projection_added(residual, branch, self.up_proj, self.scaling)
+        branch = self._project(self.up_proj, branch, mask, state, "up")
+        if not (isinstance(self.scaling, float) and self.scaling == 1.0):
+            branch = branch * self.scaling
+        branch = self.dropout(branch)
         if self.norm_after is not None:
             branch = self.norm_after(branch)
         if self.gate is not None:
