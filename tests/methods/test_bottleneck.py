@@ -113,9 +113,9 @@ def test_replaced_forward_keeps_plain_path():
     calls = []
     original = adapter.up_proj.forward
 
-    def counting_forward(x):
-        calls.append(x.shape)
-        return original(x)
+    def counting_forward(features):
+        calls.append(features.shape)
+        return original(features)
 
     adapter.up_proj.forward = counting_forward
     hidden, residual = inputs()

@@ -125,9 +125,9 @@ class Bottleneck(nn.Module):
         return projection(hidden, mask=mask, state=None if state is None else state.setdefault(name, {}))
 
     def _adds_in_up_projection(self, branch: torch.Tensor, residual: torch.Tensor) -> bool:
-        """Whether ``up_projection_added`` computes this adapter's output.
+        """Return whether ``up_projection_added`` can compute this adapter's output.
 
-        It needs a plain number as scaling, no output dropout, norm or gate, and one dtype throughout.
+        That function needs a plain number as scaling, no output dropout, norm or gate, and one dtype throughout.
         Autocast is excluded because it would turn the residual stream into the lower precision. The
         up projection's forward is not called, so no hook or replaced forward may watch it.
         """
