@@ -15,7 +15,7 @@ HIDDEN = 16
 
 def make_adapter(seed: int = 0, **changes) -> Bottleneck:
     torch.manual_seed(seed)
-    config = BottleneckConfig(reduction_factor=4, non_linearity="swish", **changes)
+    config = BottleneckConfig(**({"reduction_factor": 4, "non_linearity": "swish"} | changes))
     adapter = Bottleneck(HIDDEN, config)
     with torch.no_grad():
         for parameter in adapter.parameters():
@@ -46,13 +46,18 @@ def output_and_gradients(adapter: Bottleneck) -> tuple[torch.Tensor, list[torch.
     return output.detach(), gradients
 
 
+# Width 4 of 16 is a wide bottleneck, which adds the bias in place. Width 1 (reduction 16) is a narrow
+# one, which multiplies the bias by a column of ones.
 @pytest.mark.parametrize("changes", [
     {},
     {"scaling": 4.0},
+    {"reduction_factor": 16},
+    {"reduction_factor": 16, "scaling": 4.0},
     {"scaling": 0.5, "phm_layer": True, "phm_dim": 2},
+    {"reduction_factor": 16, "scaling": 0.5, "phm_layer": True, "phm_dim": 1},
     {"phm_layer": True, "phm_dim": 2, "phm_bias": False},
     {"dropout": 0.3},
-], ids=["linear", "scaled", "phm", "phm-no-bias", "dropout-in-eval"])
+], ids=["linear", "scaled", "narrow", "narrow-scaled", "phm", "narrow-phm", "phm-no-bias", "dropout-in-eval"])
 def test_one_product_matches_plain(changes):
     adapter = make_adapter(**changes)
     if changes.get("dropout"):
@@ -69,6 +74,22 @@ def test_one_product_matches_plain(changes):
     assert len(gradients) == len(expected_gradients)
     for gradient, expected_gradient in zip(gradients, expected_gradients):
         assert torch.allclose(gradient, expected_gradient, atol=1e-4)
+
+
+@pytest.mark.parametrize(("reduction_factor", "keeps_ones_column"), [(16, True), (4, False)],
+                         ids=["narrow", "wide"])
+def test_wide_bottleneck_keeps_no_copy(reduction_factor, keeps_ones_column):
+    adapter = make_adapter(reduction_factor=reduction_factor, non_linearity="relu")
+    width = HIDDEN // reduction_factor
+    hidden, residual = inputs()
+    saved_shapes = []
+
+    with torch.autograd.graph.saved_tensors_hooks(lambda tensor: saved_shapes.append(tensor.shape) or tensor,
+                                                  lambda tensor: tensor):
+        adapter(hidden, residual)
+
+    assert (torch.Size([15, width + 1]) in saved_shapes) == keeps_ones_column
+    assert torch.Size([3, 5, width]) in saved_shapes
 
 
 def test_plain_path_by_hand():

@@ -38,10 +38,12 @@ def up_projection_added(residual: torch.Tensor, branch: torch.Tensor, up: nn.Lin
                         scaling: float) -> torch.Tensor:
     """Return ``residual + scaling * (branch W_up + b_up)`` as one matrix product.
 
-    ``addmm`` adds the residual while it writes the product, and the bias rides along as one more
-    input column of ones, so neither the bias, the scaling nor the residual takes a pass over the
-    ``(batch, seq_len, hidden)`` output, forward or backward. A bottleneck is narrow, so the extra
-    column costs little.
+    ``addmm`` adds the residual while it writes the product, so neither the scaling nor the residual
+    takes a pass over the ``(batch, seq_len, hidden)`` output, forward or backward. In a narrow
+    bottleneck the bias rides along as one more input column of ones, which saves the bias's passes
+    too, forward and backward. The product keeps that widened copy of the activations for its
+    backward, next to the activations that ReLU keeps for its own, so a wide bottleneck (more than an
+    eighth of ``hidden``) adds its bias in place instead, and keeps no copy.
 
     Args:
         residual: ``(..., hidden)``, what the adapter output is added to.
@@ -52,10 +54,16 @@ def up_projection_added(residual: torch.Tensor, branch: torch.Tensor, up: nn.Lin
     # Both layers' weights as (width, hidden): nn.Linear keeps (hidden, width), PHMLinear (width, hidden).
     weight = up.weight.t() if isinstance(up, nn.Linear) else up.weight()
     rows = branch.reshape(-1, branch.shape[-1])
-    if up.bias is not None:
+    residual_rows = residual.reshape(-1, residual.shape[-1])
+    if up.bias is None:
+        output = torch.addmm(residual_rows, rows, weight, alpha=scaling)
+    elif (rows.shape[1] + 1) * 8 <= weight.shape[1]:
         rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
         weight = torch.cat([weight, up.bias.unsqueeze(0)], dim=0)
-    output = torch.addmm(residual.reshape(-1, residual.shape[-1]), rows, weight, alpha=scaling)
+        output = torch.addmm(residual_rows, rows, weight, alpha=scaling)
+    else:
+        # addmm does not keep its output for the backward, so the bias may be added to it in place.
+        output = torch.addmm(residual_rows, rows, weight, alpha=scaling).add_(up.bias, alpha=scaling)
     return output.view(residual.shape)
 
 
