@@ -15,7 +15,7 @@ _GRADIENT_CHUNK_ELEMENTS = 2**20
 
 
 def scale_gradient(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Return ``(grad * x)`` summed over every dimension but the last, without holding the whole product.
+    """Return ``grad * x`` summed over every dimension but the last, without keeping the whole product.
 
     The rows are multiplied and summed a chunk at a time into a float32 accumulator, so the extra memory
     is one chunk instead of a tensor the size of ``x``, and half-precision inputs are summed in float32.
@@ -50,9 +50,10 @@ class _ScaleFeatures(torch.autograd.Function):
     """``x * scale`` whose backward pass needs one input-sized tensor less at its peak than autograd's.
 
     For ``x * scale``, autograd's backward pass keeps the incoming gradient, ``grad * scale`` and
-    ``grad * x`` alive at once, three tensors the size of ``x``, before it sums the last over the rows. After
-    the feed-forward activation of the last layer, that is the peak of the whole training step. Here the
-    scale's gradient is summed a chunk at a time (``scale_gradient``) before ``grad * scale`` is made.
+    ``grad * x`` alive at once, three tensors the size of ``x``, before it sums the last over the rows.
+    On the input of the last layer's feed-forward output projection, that is the peak of the whole
+    training step. Here the scale's gradient is summed a chunk at a time (``scale_gradient``) before
+    ``grad * scale`` is made.
     """
 
     @staticmethod
