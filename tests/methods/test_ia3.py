@@ -95,7 +95,7 @@ def plain_gradients(x: torch.Tensor, scale: torch.Tensor, upstream: torch.Tensor
 
 @pytest.mark.parametrize("shape", [(4,), (2, 3, 4), (64, 4)])
 @pytest.mark.parametrize("x_needs_grad", [True, False])
-def test_gradients_equal_autograd_of_the_product(shape, x_needs_grad, monkeypatch):
+def test_gradients_match_autograd(shape, x_needs_grad, monkeypatch):
     # 16 elements a chunk: the (64, 4) input is summed in 8 chunks (the most), the others in one or two.
     monkeypatch.setattr("adapterkit.methods.ia3._GRADIENT_CHUNK_ELEMENTS", 16)
     torch.manual_seed(0)
