@@ -385,7 +385,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes to check the pipeline: hidden 64, 2 layers, batch 2, length 16, 3 steps")
     parser.add_argument("--models", nargs="+", choices=WORKLOAD_NAMES, default=list(WORKLOAD_NAMES))
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS),
+                        help="adapter methods to measure; with no names, only the floors and the routing check run")
     parser.add_argument("--libraries", nargs="+", choices=LIBRARIES, default=list(LIBRARIES))
     parser.add_argument("--no-floors", action="store_true",
                         help="skip the frozen-model floor, bare inference and full fine-tuning")
@@ -427,6 +428,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(arguments, name)}")
     if arguments.warmup < 0:
         parser.error(f"--warmup must be 0 or more, got {arguments.warmup}")
+    if not arguments.methods and arguments.no_floors and (arguments.no_routing or "adapterkit" not in arguments.libraries):
+        parser.error("--methods was given no names and --no-floors and --no-routing leave nothing else to run; "
+                     "name a method, for example --methods lora, or drop --no-floors")
     if not arguments.smoke and arguments.steps < 20 and not arguments.count_only:
         logger.warning("--steps %d is below the 20 timed steps the medians are meant to rest on", arguments.steps)
     return arguments

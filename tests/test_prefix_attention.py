@@ -10,12 +10,14 @@ import copy
 import inspect
 import math
 import pickle
+import sys
 
 import pytest
 import torch
 import transformers
 from torch import nn
 from torch.nn import functional as F
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from adapterkit import prefix_attention
 from adapterkit.methods.prefix import PrefixTuning
@@ -610,6 +612,36 @@ def test_sdpa_and_eager_agree(family):
         outputs.append(run(model, family))
 
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma3"])
+def test_grouped_query_prefix_skips_repeat(family, monkeypatch):
+    # transformers' SDPA function copies every key/value head for its query heads when it gets a
+    # mask, and the backward pass keeps the copies. Prefixed attention on the CPU calls SDPA with
+    # enable_gqa instead.
+    sdpa_module = sys.modules[ALL_ATTENTION_FUNCTIONS["sdpa"].__module__]
+    repeat_kv = sdpa_module.repeat_kv
+    repeats = []
+    monkeypatch.setattr(sdpa_module, "repeat_kv", lambda *args: repeats.append(args[1]) or repeat_kv(*args))
+    batch, _, _ = padded_batch(family)
+    results = []
+    for implementation in ("sdpa", "eager"):
+        model = build_model(family, implementation)
+        assert model.config.num_key_value_heads < model.config.num_attention_heads
+        enable_prefix_attention(model)
+        sources = attach_prefixes(model, family)
+        for source in sources:
+            source.key.requires_grad_(True)
+            source.value.requires_grad_(True)
+        logits = model(**batch).logits
+        logits.square().sum().backward()
+        results.append((logits, [tensor.grad for source in sources for tensor in (source.key, source.value)]))
+
+    assert repeats == []
+    (sdpa_logits, sdpa_grads), (eager_logits, eager_grads) = results
+    torch.testing.assert_close(sdpa_logits, eager_logits, atol=1e-5, rtol=1e-4)
+    for sdpa_grad, eager_grad in zip(sdpa_grads, eager_grads, strict=True):
+        torch.testing.assert_close(sdpa_grad, eager_grad, atol=1e-4, rtol=1e-4)
 
 
 def test_gpt2_reordered_upcast_attention():

@@ -258,6 +258,24 @@ def test_plan_reverses_odd_repeats():
     ]
 
 
+def test_plan_without_methods_runs_the_floors_and_routing():
+    arguments = run.parse_arguments(["--methods", "--libraries", "adapterkit"])
+    plan = run.plan_configurations(["bert-base"], arguments.methods, arguments.libraries, repeats=1, floors=True,
+                                   routing=True)
+
+    assert [(config["library"], config["method"]) for config in plan] == [
+        ("baseline", "frozen"), ("baseline", "full_finetune"), ("adapterkit", "routing"),
+    ]
+
+
+@pytest.mark.parametrize("extra", [["--no-routing"], ["--libraries", "peft"]])
+def test_arguments_reject_an_empty_plan(extra, capsys):
+    with pytest.raises(SystemExit):
+        run.parse_arguments(["--methods", "--no-floors", *extra])
+
+    assert "--methods was given no names" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argument", ["--steps", "--threads", "--repeats"])
 def test_arguments_reject_zero(argument):
     with pytest.raises(SystemExit):

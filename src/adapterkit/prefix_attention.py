@@ -20,7 +20,9 @@ the model's attention through code that prepends them:
 In training on the CPU with attention dropout, prefixed attention that would call SDPA runs
 ``cpu_dropout_attention`` instead, which draws the dropout mask at about half SDPA's cost there. On
 transformers 4.x, BERT-style SDPA self-attention gets that path through a forward override that
-repeats the class's three projections for this one case.
+repeats the class's three projections for this one case. Without dropout, prefixed grouped-query
+attention on the CPU calls SDPA with ``enable_gqa`` instead of copying key/value heads, as
+transformers' SDPA function does whenever it gets a mask.
 
 In every family the prefix columns are always attended (padding and causal masks do not cover
 them). By default they get zero position bias (T5's relative bias, MPNet's and DeBERTa-v2's
@@ -496,6 +498,13 @@ class PrefixAttentionFunction:
             # The causal pattern of a None mask is in attention_mask now (see above).
             output = cpu_dropout_attention(query, key, value, attention_mask, dropout, kwargs.get("scaling"))
             return output.transpose(1, 2).contiguous(), None
+        if (self.base_implementation == "sdpa" and takes_cpu_grouped_path(query, key, attention_mask, dropout)
+                and not kwargs.get("is_causal") and all(kwargs.get(name) is None for name in _SCORE_CHANGING_ARGUMENTS)):
+            # As transformers' SDPA function does, drop mask columns beyond the keys (a static cache's).
+            mask = attention_mask[..., :key.shape[-2]]
+            output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=kwargs.get("scaling"),
+                                                    enable_gqa=True)
+            return output.transpose(1, 2).contiguous(), None
         return attention(module, query, key, value, attention_mask, **kwargs)
 
     def _base_function(self, module: nn.Module) -> Callable:
@@ -522,6 +531,22 @@ _SCORE_CHANGING_ARGUMENTS = ("position_bias", "softcap", "s_aux", "sinks", "head
 def takes_cpu_dropout_path(query: torch.Tensor, dropout: float) -> bool:
     """Return whether prefixed attention on ``query`` runs ``cpu_dropout_attention`` instead of SDPA."""
     return 0.0 < dropout < 1.0 and query.device.type == "cpu" and query.dtype == torch.float32
+
+
+# SDPA takes ``enable_gqa`` from torch 2.5 on.
+_SDPA_TAKES_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def takes_cpu_grouped_path(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, dropout: float) -> bool:
+    """Return whether prefixed grouped-query attention calls SDPA with ``enable_gqa`` on the CPU.
+
+    transformers' SDPA function copies each key/value head for its query heads whenever a mask is
+    given, and a prefixed causal model gets one for every input longer than one token. SDPA's CPU
+    kernel takes the mask and the grouped heads together, so the copies, which the backward pass
+    would keep, are not needed.
+    """
+    return (_SDPA_TAKES_GQA and mask is not None and dropout == 0.0 and query.device.type == "cpu"
+            and query.shape[1] != key.shape[1] and query.shape[1] % key.shape[1] == 0)
 
 
 def cpu_dropout_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
