@@ -90,6 +90,25 @@ def test_wide_bottleneck_keeps_no_copy(reduction_factor, keeps_ones_column):
 
     assert (torch.Size([15, width + 1]) in saved_shapes) == keeps_ones_column
     assert torch.Size([3, 5, width]) in saved_shapes
+    # The weight with the bias appended as a row is built for the product but not kept.
+    assert torch.Size([width + 1, HIDDEN]) not in saved_shapes
+
+
+@pytest.mark.parametrize("frozen", ["up_proj.bias", "up_proj.weight", "down_proj.weight"])
+def test_narrow_product_with_frozen_parameter(frozen):
+    adapter = make_adapter(reduction_factor=16)
+    adapter.get_parameter(frozen).requires_grad_(False)
+    plain = plain_path(adapter)
+
+    output, gradients = output_and_gradients(adapter)
+    expected, expected_gradients = output_and_gradients(plain)
+
+    assert torch.allclose(output, expected, atol=1e-5)
+    assert adapter.get_parameter(frozen).grad is None
+    for gradient, expected_gradient in zip(gradients, expected_gradients, strict=True):
+        assert (gradient is None) == (expected_gradient is None)
+        if gradient is not None:
+            assert torch.allclose(gradient, expected_gradient, atol=1e-4)
 
 
 def test_plain_path_by_hand():

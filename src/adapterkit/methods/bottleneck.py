@@ -58,13 +58,53 @@ def up_projection_added(residual: torch.Tensor, branch: torch.Tensor, up: nn.Lin
     if up.bias is None:
         output = torch.addmm(residual_rows, rows, weight, alpha=scaling)
     elif (rows.shape[1] + 1) * 8 <= weight.shape[1]:
-        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-        weight = torch.cat([weight, up.bias.unsqueeze(0)], dim=0)
-        output = torch.addmm(residual_rows, rows, weight, alpha=scaling)
+        if torch.is_grad_enabled():
+            output = _OnesColumnProduct.apply(residual_rows, rows, weight, up.bias, scaling)
+        else:
+            output = _ones_column_product(residual_rows, rows, weight, up.bias, scaling)[0]
     else:
         # addmm does not keep its output for the backward, so the bias may be added to it in place.
         output = torch.addmm(residual_rows, rows, weight, alpha=scaling).add_(up.bias, alpha=scaling)
     return output.view(residual.shape)
+
+
+def _ones_column_product(residual: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                         scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``residual + scaling * ([rows, 1] @ [weight; bias])`` and the widened rows ``[rows, 1]``."""
+    widened = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+    output = torch.addmm(residual, widened, torch.cat([weight, bias.unsqueeze(0)], dim=0), alpha=scaling)
+    return output, widened
+
+
+class _OnesColumnProduct(torch.autograd.Function):
+    """The ones-column product of ``up_projection_added``, saving the weight rather than a widened copy of it.
+
+    Autograd's ``addmm`` would keep the weight with the bias row appended, a copy as large as the
+    weight, for every adapter until the backward pass. This function keeps the weight it was given,
+    which is the parameter itself or the PHM product that autograd keeps anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, residual: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                scaling: float) -> torch.Tensor:
+        output, widened = _ones_column_product(residual, rows, weight, bias, scaling)
+        ctx.save_for_backward(widened, weight)
+        ctx.scaling = scaling
+        return output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        widened, weight = ctx.saved_tensors
+        grad_residual = grad if ctx.needs_input_grad[0] else None
+        grad_rows = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[1]:
+            grad_rows = torch.mm(grad, weight.t()).mul_(ctx.scaling)
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            # One product gives the weight's gradient and, in its last row, the bias's.
+            weight_and_bias = torch.mm(widened.t(), grad).mul_(ctx.scaling)
+            grad_weight, grad_bias = weight_and_bias[:-1], weight_and_bias[-1]
+        return grad_residual, grad_rows, grad_weight, grad_bias, None
 
 
 class Bottleneck(nn.Module):
