@@ -622,7 +622,12 @@ def test_grouped_query_prefix_skips_repeat(family, monkeypatch):
     sdpa_module = sys.modules[ALL_ATTENTION_FUNCTIONS["sdpa"].__module__]
     repeat_kv = sdpa_module.repeat_kv
     repeats = []
-    monkeypatch.setattr(sdpa_module, "repeat_kv", lambda *args: repeats.append(args[1]) or repeat_kv(*args))
+
+    def counting_repeat_kv(hidden_states: torch.Tensor, groups: int) -> torch.Tensor:
+        repeats.append(groups)
+        return repeat_kv(hidden_states, groups)
+
+    monkeypatch.setattr(sdpa_module, "repeat_kv", counting_repeat_kv)
     batch, _, _ = padded_batch(family)
     results = []
     for implementation in ("sdpa", "eager"):

@@ -258,7 +258,7 @@ def test_plan_reverses_odd_repeats():
     ]
 
 
-def test_plan_without_methods_runs_the_floors_and_routing():
+def test_plan_without_methods_runs_floors():
     arguments = run.parse_arguments(["--methods", "--libraries", "adapterkit"])
     plan = run.plan_configurations(["bert-base"], arguments.methods, arguments.libraries, repeats=1, floors=True,
                                    routing=True)
@@ -269,7 +269,7 @@ def test_plan_without_methods_runs_the_floors_and_routing():
 
 
 @pytest.mark.parametrize("extra", [["--no-routing"], ["--libraries", "peft"]])
-def test_arguments_reject_an_empty_plan(extra, capsys):
+def test_arguments_reject_empty_plan(extra, capsys):
     with pytest.raises(SystemExit):
         run.parse_arguments(["--methods", "--no-floors", *extra])
 

@@ -500,7 +500,7 @@ class PrefixAttentionFunction:
             return output.transpose(1, 2).contiguous(), None
         if (self.base_implementation == "sdpa" and takes_cpu_grouped_path(query, key, attention_mask, dropout)
                 and not kwargs.get("is_causal") and all(kwargs.get(name) is None for name in _SCORE_CHANGING_ARGUMENTS)):
-            # As transformers' SDPA function does, drop mask columns beyond the keys (a static cache's).
+            # Drop mask columns beyond the keys, such as a static cache's, as transformers' SDPA function does.
             mask = attention_mask[..., :key.shape[-2]]
             output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=kwargs.get("scaling"),
                                                     enable_gqa=True)

@@ -77,11 +77,11 @@ def _ones_column_product(residual: torch.Tensor, rows: torch.Tensor, weight: tor
 
 
 class _OnesColumnProduct(torch.autograd.Function):
-    """The ones-column product of ``up_projection_added``, saving the weight rather than a widened copy of it.
+    """Autograd function for the ones-column product of ``up_projection_added``.
 
     Autograd's ``addmm`` would keep the weight with the bias row appended, a copy as large as the
-    weight, for every adapter until the backward pass. This function keeps the weight it was given,
-    which is the parameter itself or the PHM product that autograd keeps anyway.
+    weight, for every adapter until the backward pass. This function keeps the weight it was given
+    instead: the parameter itself, or the PHM product that autograd keeps anyway.
     """
 
     @staticmethod
