@@ -316,3 +316,35 @@ def test_spec_with_missing_module_raises(tiny_model):
 
     with pytest.raises(ValueError, match="no_such.dropout"):
         model.add_adapter("task", "pfeiffer")
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_prefix_mlp_runs_once_per_forward(tiny_model, input_ids, no_dropout, family, monkeypatch):
+    from adapterkit import injection
+    from adapterkit.methods.prefix import PrefixTuning
+
+    model = adapterkit.init(tiny_model(family, **no_dropout(family)))
+    model.add_adapter("p", adapterkit.PrefixTuningConfig(prefix_length=3))
+    model.train_adapter("p")
+    (prefix,) = [m for m in model._adapterkit.modules_of("p").modules() if isinstance(m, PrefixTuning)]
+    assert prefix.n_layers == 2
+    calls = []
+    prefix.mlp[0].register_forward_hook(lambda module, args, output: calls.append(1))
+
+    def gradients():
+        model.zero_grad(set_to_none=True)
+        model(input_ids=input_ids).logits.square().sum().backward()
+        return {name: p.grad.clone() for name, p in prefix.named_parameters()}
+
+    shared = gradients()
+    assert len(calls) == 1
+    with torch.no_grad():
+        model(input_ids=input_ids)
+    assert len(calls) == 2
+    # Each layer computes its own slice of the MLP's output instead.
+    monkeypatch.setattr(injection, "_shared_output", lambda outputs_by_module, module: None)
+    alone = gradients()
+    assert len(calls) == 4
+    assert shared.keys() == alone.keys() and all(grad.abs().sum() > 0 for grad in shared.values())
+    for name in shared:
+        torch.testing.assert_close(shared[name], alone[name], msg=name)

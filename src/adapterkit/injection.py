@@ -391,6 +391,22 @@ class LinearSite(Site):
         return torch.cat([output[..., :start], piece, output[..., start + width:]], dim=-1)
 
 
+def _shared_output(outputs_by_module: dict | None, prefix: nn.Module) -> torch.Tensor | None:
+    """Return this forward's output of ``prefix`` for all its layers, computing it at first use.
+
+    Returns ``None`` when the forward keeps no outputs (``outputs_by_module`` is ``None``) or
+    ``prefix`` has no MLP. An output recorded with autograd on is not reused with it off, and the
+    other way round.
+    """
+    if outputs_by_module is None or prefix.mlp is None:
+        return None
+    recording = torch.is_grad_enabled()
+    entry = outputs_by_module.get(prefix)
+    if entry is None or entry[0] != recording:
+        entry = outputs_by_module[prefix] = (recording, prefix.outputs())
+    return entry[1]
+
+
 class PrefixSite(Site):
     """Prefix tuning on one attention module.
 
@@ -399,16 +415,21 @@ class PrefixSite(Site):
         attention: The attention module that calls the attention function.
         causal: Whether the block's stack is causal (decides how gated prefixes compute their gate).
         lookup: Called at every forward to get ``(config, (PrefixTuning, row))`` pairs.
+        outputs: Called at every forward to get the dict in which that forward keeps each
+            ``PrefixTuning``'s output for all layers, or ``None`` to compute each layer's part alone
+            (see ``AdapterRegistry.prefix_outputs``).
     """
 
     # The site reads only the query's batch size, dtype and device, so hook-based prefix attention
     # need not run the query projection a second time to hand it over.
     reads_query = False
 
-    def __init__(self, key: SiteKey, attention: nn.Module, causal: bool, lookup: Lookup):
+    def __init__(self, key: SiteKey, attention: nn.Module, causal: bool, lookup: Lookup,
+                 outputs: Callable[[], dict | None] | None = None):
         super().__init__(key, lookup)
         self.attention = attention
         self.causal = causal
+        self.outputs = outputs
         set_prefix_source(attention, self)
         # Gated prefixes (UniPELT) compute their gate from the attention input, which sources do not receive.
         # The capture runs first because the MPNet and DeBERTa-v2 prefix pre-hooks call the source.
@@ -466,8 +487,9 @@ class PrefixSite(Site):
         Input-dependent gates are computed on batch ``rows``, or on every row when ``rows`` is ``None``.
         """
         prefixes = []
+        outputs_by_module = self.outputs() if self.outputs is not None and pairs else None
         for config, (prefix, row) in pairs:
-            keys, values = prefix.layer_prefix(row)
+            keys, values = prefix.layer_prefix(row, _shared_output(outputs_by_module, prefix))
             keys, values = keys.unsqueeze(0).to(dtype), values.unsqueeze(0).to(dtype)
             if prefix.use_gating:
                 values = values * self._gate(prefix, row, rows).to(dtype)

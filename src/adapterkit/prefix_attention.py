@@ -493,13 +493,13 @@ class PrefixAttentionFunction:
         key = torch.cat([prefix_key, key], dim=2)
         value = torch.cat([prefix_value, value], dim=2)
         dropout = kwargs.get("dropout", 0.0)
-        if (self.base_implementation == "sdpa" and takes_cpu_dropout_path(query, dropout)
-                and all(kwargs.get(name) is None for name in _SCORE_CHANGING_ARGUMENTS)):
+        plain_sdpa = (self.base_implementation == "sdpa"
+                      and all(kwargs.get(name) is None for name in _SCORE_CHANGING_ARGUMENTS))
+        if plain_sdpa and takes_cpu_dropout_path(query, dropout):
             # The causal pattern of a None mask is in attention_mask now (see above).
             output = cpu_dropout_attention(query, key, value, attention_mask, dropout, kwargs.get("scaling"))
             return output.transpose(1, 2).contiguous(), None
-        if (self.base_implementation == "sdpa" and takes_cpu_grouped_path(query, key, attention_mask, dropout)
-                and not kwargs.get("is_causal") and all(kwargs.get(name) is None for name in _SCORE_CHANGING_ARGUMENTS)):
+        if plain_sdpa and not kwargs.get("is_causal") and takes_cpu_grouped_path(query, key, attention_mask, dropout):
             # Drop mask columns beyond the keys, such as a static cache's, as transformers' SDPA function does.
             mask = attention_mask[..., :key.shape[-2]]
             output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=kwargs.get("scaling"),

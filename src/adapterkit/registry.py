@@ -50,10 +50,13 @@ class ForwardState:
     Attributes:
         routing: The adapter (or ``None``) of each input row, or ``None`` when the active adapters run.
         swapped_heads: The head modules that a ``RoutedHead`` replaced for this forward, to put back.
+        prefix_outputs: The prefix-tuning outputs computed in this forward, by module (see
+            ``AdapterRegistry.prefix_outputs``), or ``None`` where they are not kept.
     """
 
     routing: tuple[str | None, ...] | None = None
     swapped_heads: dict[str, nn.Module] | None = None
+    prefix_outputs: dict[nn.Module, tuple[bool, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -273,7 +276,7 @@ class AdapterRegistry:
         if kind == "prefix":
             stack, block = layout.blocks[key[1]]
             path = stack.attention_module if key[2] == "self" else stack.cross_attention_module
-            return PrefixSite(key, block.get_submodule(path), stack.causal, self.lookup)
+            return PrefixSite(key, block.get_submodule(path), stack.causal, self.lookup, self.prefix_outputs)
         if kind == "positions":
             padding_idx = getattr(self.model.config, "pad_token_id", None)
             return PositionShiftSite(key, self.layout.submodule(""), self.spec.position_ids, padding_idx, self.lookup)
@@ -462,6 +465,19 @@ class AdapterRegistry:
         stack = getattr(self._local, "stack", None)
         return stack[-1] if stack else None
 
+    def prefix_outputs(self) -> dict[nn.Module, tuple[bool, torch.Tensor]] | None:
+        """Return where this forward keeps the outputs of its prefix-tuning modules, or ``None``.
+
+        A ``PrefixTuning`` module's MLP runs once per forward for all its layers, and each attention
+        layer takes its columns of the output. Per layer, the backward of a slice of the MLP's last
+        weight would fill a zero tensor the size of the whole weight. The dict maps the module to
+        whether autograd recorded the output, and the output. Outside a forward of the model, and
+        with gradient checkpointing, whose recomputation would run backward through a shared output
+        more than once, there is none.
+        """
+        state = self._current_state()
+        return None if state is None else state.prefix_outputs
+
     def check_routing(self, names: Sequence[str | None], batch_size: int | None) -> tuple[str | None, ...]:
         """Return ``names`` as a tuple after checking them as per-row adapter names.
 
@@ -515,6 +531,8 @@ class AdapterRegistry:
         routing = state.routing
         if self._checkpointing():
             self._wrap_checkpoint_functions()
+        else:
+            state.prefix_outputs = {}
 
         block = self.active_block
         if block is not None and routing is None and self.model.training and torch.is_grad_enabled():

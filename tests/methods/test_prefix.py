@@ -107,6 +107,19 @@ def test_layer_prefix_equals_forward_row(flat):
         torch.testing.assert_close(layer_values, values[layer])
 
 
+@pytest.mark.parametrize("flat", [False, True])
+def test_layer_prefix_from_outputs(flat):
+    prefix = make_prefix(flat=flat)
+    outputs = prefix.outputs()
+    assert outputs.shape == (LENGTH, LAYERS * 2 * KV_HEADS * HEAD_DIM)
+
+    for layer in range(LAYERS):
+        alone = prefix.layer_prefix(layer)
+        shared = prefix.layer_prefix(layer, outputs)
+        torch.testing.assert_close(shared[0], alone[0])
+        torch.testing.assert_close(shared[1], alone[1])
+
+
 @pytest.mark.parametrize("layer", [-1, LAYERS, 1.0, True])
 def test_layer_out_of_range(layer):
     with pytest.raises(IndexError, match=f"layer={layer!r}"):

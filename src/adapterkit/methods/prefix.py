@@ -116,14 +116,25 @@ class PrefixTuning(nn.Module):
         """
         return self._split(self._rows(0, self.n_layers), self.n_layers)
 
-    def layer_prefix(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def outputs(self) -> torch.Tensor:
+        """Return the prefixes of all layers without dropout, ``(prefix_length, n_layers * layer_width)``.
+
+        That is the MLP's output, or the flat ``prefix`` parameter itself. A caller that needs several
+        layers' prefixes in one forward computes this once and passes it to ``layer_prefix``.
+        """
+        return self._rows(0, self.n_layers)
+
+    def layer_prefix(self, layer: int, outputs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Compute the prefix of one layer, with dropout.
 
-        Equal to ``forward()`` indexed at ``layer`` (up to dropout), but computes only that layer's
-        slice of the MLP's last linear layer.
+        Equal to ``forward()`` indexed at ``layer`` (up to dropout). Without ``outputs``, it computes
+        only that layer's slice of the MLP's last linear layer. The backward pass of that slice fills
+        a zero tensor the size of the whole weight, so a caller that needs every layer's prefix in
+        one forward should pass ``outputs`` instead.
 
         Args:
             layer: Index of the layer, in ``[0, n_layers)``.
+            outputs: What ``outputs()`` returned in this forward, or ``None``.
 
         Returns:
             ``(keys, values)``, each ``(n_kv_heads, prefix_length, head_dim)``. The gate is not applied.
@@ -132,7 +143,11 @@ class PrefixTuning(nn.Module):
             IndexError: If ``layer`` is out of range.
         """
         self._check_layer(layer)
-        keys, values = self._split(self._rows(layer, layer + 1), 1)
+        if outputs is None:
+            rows = self._rows(layer, layer + 1)
+        else:
+            rows = outputs[:, layer * self.layer_width:(layer + 1) * self.layer_width]
+        keys, values = self._split(rows, 1)
         return keys[0], values[0]
 
     def gate_value(self, layer: int, hidden_states: torch.Tensor | None = None,
@@ -182,11 +197,14 @@ class PrefixTuning(nn.Module):
 
     def _rows(self, start: int, stop: int) -> torch.Tensor:
         """Return the output columns of layers ``start`` to ``stop - 1``, ``(prefix_length, layers * layer_width)``."""
+        whole = start == 0 and stop == self.n_layers
         columns = slice(start * self.layer_width, stop * self.layer_width)
         if self.flat:
-            return self.prefix[:, columns]
+            return self.prefix if whole else self.prefix[:, columns]
         hidden = self.mlp[1](self.mlp[0](self.embedding.weight))
         last = self.mlp[2]
+        if whole:
+            return last(hidden)
         return F.linear(hidden, last.weight[columns], last.bias[columns])
 
     def _split(self, rows: torch.Tensor, n_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
