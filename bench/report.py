@@ -26,6 +26,7 @@ BASELINE = "baseline"
 FROZEN = "frozen"
 FULL_FINETUNE = "full_finetune"
 ROUTING = "routing"
+HEAD_TO_HEAD = "head_to_head"
 PEERS = ("adapters", "peft")
 
 # Explanations, per (method, peer), of trainable parameter counts that differ from adapterkit's under the
@@ -183,9 +184,14 @@ def _display_order(document: dict, key: tuple[str, str, str]) -> tuple:
 
 
 def group_runs(document: dict) -> dict[tuple[str, str, str], Configuration]:
-    """Group the runs by (model, library, method), in display order (see ``_display_order``)."""
+    """Group the runs by (model, library, method), in display order (see ``_display_order``).
+
+    Head-to-head runs are left out: ``head_to_head_rows`` reads them.
+    """
     groups: dict[tuple[str, str, str], Configuration] = {}
     for run in document["runs"]:
+        if run["library"] == HEAD_TO_HEAD:
+            continue
         key = (run["model"], run["library"], run["method"])
         groups.setdefault(key, Configuration(*key)).runs.append(run)
     return {key: groups[key] for key in sorted(groups, key=lambda key: _display_order(document, key))}
@@ -363,11 +369,49 @@ def parameter_check_rows(groups: dict, model: str) -> list[list[str]]:
     return rows
 
 
-def error_rows(groups: dict) -> list[list[str]]:
+def head_to_head_rows(document: dict, model: str) -> list[list[str]]:
+    """Return one row per method of ``model`` with head-to-head runs (``run.py --head-to-head``).
+
+    Each library's steps are divided by the median of the floor timed in turns with them in the same
+    process, and pooled over reruns. adapterkit / peer divides the medians of those quotients, so
+    each peer is compared with adapterkit within the same processes.
+    """
+    runs: dict[str, list[dict]] = {}
+    for run in document["runs"]:
+        if run["library"] == HEAD_TO_HEAD and run["model"] == model and run.get("floor_alternating_train_s"):
+            runs.setdefault(run["method"], []).append(run)
+    rows = []
+    for method, method_runs in runs.items():
+        quotients: dict[str, list[list[float]]] = {}
+        for run in method_runs:
+            floor = statistics.median(run["floor_alternating_train_s"])
+            for library, durations in run["train_alternating_s"].items():
+                quotients.setdefault(library, []).append([step / floor for step in durations])
+        summaries = {library: summarize(values) for library, values in quotients.items()}
+        mine = summaries.get("adapterkit")
+        rows.append([method, *[_quotient_text(summaries.get(library)) for library in ("adapterkit", *PEERS)],
+                     *[ratio_text(mine, summaries[peer]) if peer in summaries else "-" for peer in PEERS],
+                     str(len(method_runs))])
+    return rows
+
+
+def _quotient_text(summary: Summary | None) -> str:
+    if summary is None:
+        return "-"
+    return f"{summary.median:.3f} [{summary.q1:.3f}-{summary.q3:.3f}]"
+
+
+def error_rows(groups: dict, document: dict | None = None) -> list[list[str]]:
+    """Return a row per failed phase: of each configuration in ``groups``, and of the head-to-head runs of ``document``."""
     rows = []
     for (model, library, method), configuration in groups.items():
         for phase, message in configuration.errors().items():
             rows.append([model, library, method, phase, message.splitlines()[0][:300]])
+    for run in (document or {}).get("runs", []):
+        if run["library"] == HEAD_TO_HEAD:
+            for phase, message in (run.get("errors") or {}).items():
+                rows.append([run["model"], "+".join(run.get("libraries", [])), run["method"], phase,
+                             message.splitlines()[0][:300]])
     return rows
 
 
@@ -583,7 +627,7 @@ def render(document: dict, plot_name: str | None, findings: str = "") -> str:
     placed right after the title.
     """
     groups = group_runs(document)
-    models = list(dict.fromkeys(model for model, _, _ in groups))
+    models = list(dict.fromkeys(run["model"] for run in document["runs"]))
     gpu = document["settings"]["device"].startswith("cuda")
     lines = ["# adapterkit benchmark results", ""]
     if findings.strip():
@@ -626,8 +670,11 @@ def render(document: dict, plot_name: str | None, findings: str = "") -> str:
     lines.append("")
 
     for model in models:
-        lines += [f"## {model}", "", "### Measurements", ""]
-        lines += measurement_table(groups, model, gpu) + [""]
+        lines += [f"## {model}", ""]
+        separate = any(group_model == model for group_model, _, _ in groups)
+        if separate:
+            lines += ["### Measurements", ""]
+            lines += measurement_table(groups, model, gpu) + [""]
         lines += attention_lines(groups, model)
         peer_rows = peer_ratio_rows(groups, model)
         if peer_rows:
@@ -641,9 +688,21 @@ def render(document: dict, plot_name: str | None, findings: str = "") -> str:
             lines += _table(["method", "library", "train / floor", "train / floor, in turns", "train / full fine-tuning",
                              "inference / bare", "merged inference / bare", "inference / bare, in turns",
                              "merged inference / bare, in turns"], floor_rows) + [""]
-        lines += ["### Trainable adapter parameters (head excluded)", ""]
-        lines += _table(["method", "adapterkit", "adapters", "peft", "check"], parameter_check_rows(groups, model))
-        lines.append("")
+        head_rows = head_to_head_rows(document, model)
+        if head_rows:
+            lines += ["### Head to head: the libraries in one process", "",
+                      "Each process (`run.py --head-to-head`) held one copy of the base model per library and "
+                      "a frozen floor, which took turns at training steps. Step / floor: each step divided by "
+                      "the median floor step of its process, median [first-third quartile]. adapterkit / peer "
+                      "divides those medians, so the machine's drift and the allocator's history hit both alike.",
+                      ""]
+            lines += _table(["method", "adapterkit / floor", "adapters / floor", "peft / floor",
+                             "adapterkit / adapters", "adapterkit / peft", "processes"], head_rows) + [""]
+        if separate:
+            lines += ["### Trainable adapter parameters (head excluded)", ""]
+            lines += _table(["method", "adapterkit", "adapters", "peft", "check"],
+                            parameter_check_rows(groups, model))
+            lines.append("")
         routing = groups.get((model, "adapterkit", ROUTING))
         if routing is not None:
             status = (routing.first("routing") or {}).get("status", "not measured")
@@ -657,7 +716,7 @@ def render(document: dict, plot_name: str | None, findings: str = "") -> str:
                       "(target at least 0.80).", ""]
 
     lines += ["## Checkpoint sizes", ""] + [f"- {note}" for note in CHECKPOINT_NOTES] + [""]
-    errors = error_rows(groups)
+    errors = error_rows(groups, document)
     if errors:
         lines += ["## Errors", "", "Failures are recorded, not raised; the traceback of each is in the results file.",
                   ""]
@@ -698,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(str(error))
     plot_path = arguments.plot or arguments.output.with_name("ratios.png")
     groups = group_runs(document)
-    models = list(dict.fromkeys(model for model, _, _ in groups))
+    models = list(dict.fromkeys(run["model"] for run in document["runs"]))
     plotted = plot_ratios(groups, models, plot_path)
     plot_name = None
     if plotted:

@@ -10,6 +10,10 @@ configuration's alone and no library's imports or caches leak into another's tim
 rotates the libraries from one method to the next, and every second repeat runs the model's block in
 reverse, so slow drift of the machine (heat, other load) spreads over all libraries alike. Raw results
 go to ``bench/results/<timestamp>.json``; ``bench/report.py`` turns them into ``bench/RESULTS.md``.
+
+With ``--head-to-head``, each (method, model) runs in one process instead: every library's model and
+the frozen floor take turns at training steps, so the libraries' step times share the process, the
+allocator's history and the minutes they ran in. That mode times the training step only.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ BASELINE = "baseline"
 FROZEN = "frozen"
 FULL_FINETUNE = "full_finetune"
 ROUTING = "routing"
+# The "library" of a configuration whose process times every library's method (--head-to-head).
+HEAD_TO_HEAD = "head_to_head"
 
 logger = logging.getLogger("bench")
 
@@ -56,6 +62,8 @@ class _Recorder:
 
     def __init__(self, spec: dict):
         self.result = {key: spec[key] for key in ("library", "method", "model", "repeat")}
+        if "libraries" in spec:
+            self.result["libraries"] = spec["libraries"]
         self.result.update({"status": "ok", "errors": {}, "tracebacks": {}, "memory_mib": {}, "notes": []})
 
     def fail(self, phase: str, error: BaseException) -> None:
@@ -70,24 +78,32 @@ class _Recorder:
                                             "gpu_peak_allocated": gpu_peak_mib(device)}
 
 
-def run_worker(spec: dict) -> dict:
-    """Measure one configuration described by ``spec`` (see ``plan_configurations``) and return the record."""
-    record = _Recorder(spec)
-    result = record.result
-    threads = spec["threads"]
-
+def _set_up_worker(spec: dict):
+    """Set the worker's threads and logging, and return its torch device."""
     import torch
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(spec["threads"])
     torch.set_num_interop_threads(1)
     import transformers
 
     transformers.logging.set_verbosity_error()
+    return torch.device(spec["device"])
+
+
+def run_worker(spec: dict) -> dict:
+    """Measure one configuration described by ``spec`` (see ``plan_configurations``) and return the record."""
+    if spec["library"] == HEAD_TO_HEAD:
+        return run_head_to_head(spec)
+    record = _Recorder(spec)
+    result = record.result
+
+    import torch
+
+    device = _set_up_worker(spec)
     import adapter_libraries as libs
     import measure
     from workloads import build_model, get_workload, make_batch
 
-    device = torch.device(spec["device"])
     result["torch_threads"] = torch.get_num_threads()
     record.memory("after_import", device)
 
@@ -163,6 +179,58 @@ def run_worker(spec: dict) -> dict:
     return result
 
 
+def run_head_to_head(spec: dict) -> dict:
+    """Time the training step of ``spec["method"]`` in each of ``spec["libraries"]`` and of the floor, taking turns.
+
+    Each library gets its own copy of the base model, built from the same seed, and the frozen floor
+    one more. A library that fails to set up is recorded under ``errors`` and the others still run.
+
+    Returns:
+        The record, with ``train_alternating_s`` mapping each library that ran to its step durations,
+        ``floor_alternating_train_s`` the floor's, and ``trainable_parameters`` per library.
+    """
+    record = _Recorder(spec)
+    result = record.result
+    import torch
+
+    device = _set_up_worker(spec)
+    import adapter_libraries as libs
+    import measure
+    from workloads import build_model, get_workload, make_batch
+
+    workload = get_workload(spec["model"], spec["smoke"])
+    floor = libs.prepare_frozen(build_model(workload, spec["smoke"], spec["seed"], device)).model
+    batch = make_batch(workload, floor.config.vocab_size, spec["seed"], device)
+    loops, names = [(floor, [])], []
+    result["trainable_parameters"] = {}
+    for library in spec["libraries"]:
+        try:
+            model = build_model(workload, spec["smoke"], spec["seed"], device)
+            torch.manual_seed(spec["seed"] + 1)
+            prepared = libs.PREPARE[library](model, spec["method"], workload.family, workload.task)
+            prepared.model.to(device)
+        except Exception as error:  # noqa: BLE001 - a library that fails here is a result, not a crash
+            record.fail(f"setup {library}", error)
+            result["status"] = "partial"
+            continue
+        parameters = libs.trainable_parameters(prepared.model)
+        result["trainable_parameters"][library] = sum(p.numel() for p in parameters)
+        loops.append((prepared.model, parameters))
+        names.append(library)
+    if not names:
+        result["status"] = "error"
+        return result
+    try:
+        durations = measure.time_training_alternating(loops, batch, spec["warmup"], spec["steps"], device)
+    except Exception as error:  # noqa: BLE001
+        record.fail("train_in_turns", error)
+        return result
+    result["floor_alternating_train_s"] = durations[0]
+    result["train_alternating_s"] = dict(zip(names, durations[1:]))
+    record.memory("after_train", device)
+    return result
+
+
 def _measure_inference(record: _Recorder, prepared, reference, batch: dict, spec: dict, device,
                        route_per_sample) -> None:
     """Time the adapter's inference, unmerged and merged; beside each, the bare ``reference`` in turns with it.
@@ -233,7 +301,7 @@ def worker_main(spec_json: str, result_path: str) -> int:
     try:
         result = run_worker(spec)
     except Exception as error:  # noqa: BLE001 - report any failure as data for the orchestrator
-        result = {key: spec[key] for key in ("library", "method", "model", "repeat")}
+        result = {key: spec[key] for key in ("library", "method", "model", "repeat", "libraries") if key in spec}
         result.update({"status": "error", "errors": {"worker": _error_text(error)},
                        "tracebacks": {"worker": traceback.format_exc()[-4000:]}})
     result["process_wall_s"] = time.perf_counter() - started
@@ -245,18 +313,33 @@ def worker_main(spec_json: str, result_path: str) -> int:
 
 
 def plan_configurations(models: list[str], methods: list[str], libraries: list[str], repeats: int,
-                        floors: bool, routing: bool) -> list[dict]:
+                        floors: bool, routing: bool, head_to_head: bool = False) -> list[dict]:
     """Return the configurations in run order.
 
     Per model the block is: the frozen floor, then each method with the libraries that have it, the
     libraries rotated by one place per method, then full fine-tuning and the routing check. Odd
     repeats run each block reversed.
+
+    With ``head_to_head``, the block is one configuration per method that a library in ``libraries``
+    has, with ``library`` ``HEAD_TO_HEAD`` and ``libraries`` the ones that have it, rotated by one place
+    per method. ``floors`` and ``routing`` do not apply: each of these processes times its own floor.
     """
     from adapter_libraries import LIBRARY_METHODS
 
     order = []
     for repeat in range(repeats):
         for model in models:
+            if head_to_head:
+                block = []
+                for index, method in enumerate(methods):
+                    shift = (index + repeat) % len(libraries)
+                    having = [library for library in libraries[shift:] + libraries[:shift]
+                              if method in LIBRARY_METHODS[library]]
+                    if having:
+                        block.append({"library": HEAD_TO_HEAD, "method": method, "model": model, "repeat": repeat,
+                                      "libraries": having})
+                order += block[::-1] if repeat % 2 else block
+                continue
             block = []
             if floors:
                 block.append((BASELINE, FROZEN))
@@ -366,10 +449,16 @@ def _summary_line(result: dict) -> str:
     if result.get("status") == "skipped":
         return "skipped: " + result["errors"]["skipped"]
     parts = []
+    floor = result.get("floor_alternating_train_s")
+    if result.get("library") == HEAD_TO_HEAD and floor:
+        for library, durations in result.get("train_alternating_s", {}).items():
+            parts.append(f"{library} {statistics.median(durations) / statistics.median(floor):.3f} of the floor")
+        return ", ".join(parts + [f"{phase} failed: {message[:160]}"
+                                  for phase, message in result.get("errors", {}).items()])
     for key, label in (("train_step_s", "train"), ("inference_s", "infer"), ("merged_inference_s", "merged")):
         if result.get(key):
             parts.append(f"{label} {statistics.median(result[key]) * 1000:.1f} ms")
-    if "trainable_parameters" in result:
+    if isinstance(result.get("trainable_parameters"), int):
         parts.append(f"trainable {result['trainable_parameters']:,}")
     for phase, message in result.get("errors", {}).items():
         parts.append(f"{phase} failed: {message[:160]}")
@@ -391,6 +480,10 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-floors", action="store_true",
                         help="skip the frozen-model floor, bare inference and full fine-tuning")
     parser.add_argument("--no-routing", action="store_true", help="skip the per-sample routing check")
+    parser.add_argument("--head-to-head", action="store_true",
+                        help="time each method's training step with every library in one process, taking turns with "
+                             "each other and the frozen floor; no inference, memory, checkpoint, full fine-tuning or "
+                             "routing measurements")
     parser.add_argument("--no-floor-in-turns", action="store_true",
                         help="skip timing the frozen floor in turns with each method's training steps in its own "
                              "process; that timing doubles the training time of a run")
@@ -428,6 +521,11 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(arguments, name)}")
     if arguments.warmup < 0:
         parser.error(f"--warmup must be 0 or more, got {arguments.warmup}")
+    if arguments.head_to_head and not arguments.methods:
+        parser.error("--head-to-head times methods, and --methods was given no names; name one, for example "
+                     "--methods mam, or drop --head-to-head")
+    if arguments.head_to_head and arguments.count_only:
+        parser.error("--head-to-head times training steps and --count-only times nothing; drop one of them")
     if not arguments.methods and arguments.no_floors and (arguments.no_routing or "adapterkit" not in arguments.libraries):
         parser.error("--methods was given no names and --no-floors and --no-routing leave nothing else to run; "
                      "name a method, for example --methods lora, or drop --no-floors")
@@ -465,10 +563,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"smoke": arguments.smoke, "seed": arguments.seed, "threads": arguments.threads,
                 "device": arguments.device, "warmup": arguments.warmup, "steps": arguments.steps,
                 "inference_steps": arguments.inference_steps, "count_only": arguments.count_only,
-                "floor_in_turns": not arguments.no_floor_in_turns}
+                "floor_in_turns": not arguments.no_floor_in_turns, "head_to_head": arguments.head_to_head}
     configurations = plan_configurations(arguments.models, arguments.methods, arguments.libraries,
                                          arguments.repeats, floors=not arguments.no_floors,
-                                         routing=not arguments.no_routing)
+                                         routing=not arguments.no_routing, head_to_head=arguments.head_to_head)
     from adapter_libraries import HYPER_PARAMETERS, LIBRARY_METHODS
     from workloads import get_workload
 
@@ -491,7 +589,8 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("Running %d configurations; results go to %s", len(configurations), output)
     clock = time.perf_counter()
     for number, config in enumerate(configurations, start=1):
-        label = f"[{number}/{len(configurations)}] {config['model']} {config['library']} {config['method']}"
+        library = "+".join(config["libraries"]) if "libraries" in config else config["library"]
+        label = f"[{number}/{len(configurations)}] {config['model']} {library} {config['method']}"
         if arguments.time_budget_s is not None and time.perf_counter() - clock > arguments.time_budget_s:
             result = dict(config, status="skipped",
                           errors={"skipped": f"--time-budget-s {arguments.time_budget_s:g} was spent before this "

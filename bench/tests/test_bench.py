@@ -1,10 +1,14 @@
-"""Tests of the benchmark's statistics, report and run order; they time nothing and import no adapter library.
+"""Tests of the benchmark's statistics, report and run order.
 
-Run with any venv that has torch and matplotlib: ``python -m pytest bench/tests -q``.
+They time nothing and import no adapter library, except one smoke run of ``run.py --head-to-head``
+in a subprocess, which needs adapterkit and PEFT (the project's test extras). Run with the
+project's venv: ``python -m pytest bench/tests -q``.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -266,6 +270,68 @@ def test_plan_without_methods_runs_floors():
     assert [(config["library"], config["method"]) for config in plan] == [
         ("baseline", "frozen"), ("baseline", "full_finetune"), ("adapterkit", "routing"),
     ]
+
+
+def test_plan_head_to_head_per_method():
+    plan = run.plan_configurations(["bert-base"], ["lora", "mam"], ["adapterkit", "adapters", "peft"], repeats=2,
+                                   floors=True, routing=True, head_to_head=True)
+    order = [(config["repeat"], config["library"], config["method"], config["libraries"]) for config in plan]
+
+    # One process per method, its libraries rotated as in the separate plan; no floors or routing.
+    assert order == [
+        (0, "head_to_head", "lora", ["adapterkit", "adapters", "peft"]),
+        (0, "head_to_head", "mam", ["adapters", "adapterkit"]),
+        (1, "head_to_head", "mam", ["adapterkit", "adapters"]),
+        (1, "head_to_head", "lora", ["adapters", "peft", "adapterkit"]),
+    ]
+
+
+@pytest.mark.parametrize("extra", [["--methods"], ["--count-only"]])
+def test_arguments_reject_idle_head_to_head(extra, capsys):
+    with pytest.raises(SystemExit):
+        run.parse_arguments(["--head-to-head", *extra])
+
+    assert "--head-to-head" in capsys.readouterr().err
+
+
+def test_render_head_to_head_uses_own_floor():
+    document = _document([
+        _run("llama-128m", "head_to_head", "lora", libraries=["adapterkit", "peft"],
+             floor_alternating_train_s=[2.0, 2.0, 2.0],
+             train_alternating_s={"adapterkit": [2.2, 2.2, 2.2], "peft": [2.4, 2.4, 2.4]}),
+        # A process on a machine twice as fast: its floor took half as long.
+        _run("llama-128m", "head_to_head", "lora", libraries=["peft", "adapterkit"],
+             floor_alternating_train_s=[1.0, 1.0, 1.0],
+             train_alternating_s={"adapterkit": [1.1, 1.1, 1.1], "peft": [1.2, 1.2, 1.2]}),
+        _run("llama-128m", "head_to_head", "ia3", libraries=["adapterkit"], status="partial",
+             errors={"setup peft": "ImportError: no peft"}, floor_alternating_train_s=[1.0],
+             train_alternating_s={"adapterkit": [1.5]}),
+    ])
+
+    text = report.render(document, plot_name=None)
+
+    assert "### Head to head: the libraries in one process" in text
+    assert "| lora | 1.100 [1.100-1.100] | - | 1.200 [1.200-1.200] | - | 0.92 | 2 |" in text
+    assert "| ia3 | 1.500 [1.500-1.500] | - | - | - | - | 1 |" in text
+    assert "| llama-128m | adapterkit | ia3 | setup peft | ImportError: no peft |" in text
+    # No separate-process runs: no empty measurement table.
+    assert "### Measurements" not in text
+
+
+def test_head_to_head_smoke_run(tmp_path):
+    output = tmp_path / "results.json"
+    command = [sys.executable, str(Path(run.__file__)), "--smoke", "--head-to-head", "--models", "llama-128m",
+               "--methods", "lora", "--libraries", "adapterkit", "peft", "--threads", "1", "--warmup", "0",
+               "--steps", "2", "--output", str(output)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+
+    (result,) = json.loads(output.read_text())["runs"]
+    assert result["status"] == "ok", result.get("errors")
+    assert result["libraries"] == ["adapterkit", "peft"]
+    assert len(result["floor_alternating_train_s"]) == 2
+    assert {name: len(steps) for name, steps in result["train_alternating_s"].items()} == {"adapterkit": 2, "peft": 2}
+    assert all(count > 0 for count in result["trainable_parameters"].values())
 
 
 @pytest.mark.parametrize("extra", [["--no-routing"], ["--libraries", "peft"]])
