@@ -345,6 +345,7 @@ def test_prefix_mlp_runs_once_per_forward(tiny_model, input_ids, no_dropout, fam
     monkeypatch.setattr(injection, "_shared_output", lambda outputs_by_module, module: None)
     alone = gradients()
     assert len(calls) == 4
-    assert shared.keys() == alone.keys() and all(grad.abs().sum() > 0 for grad in shared.values())
+    assert shared.keys() == alone.keys()
+    assert all(grad.abs().sum() > 0 for grad in shared.values())
     for name in shared:
         torch.testing.assert_close(shared[name], alone[name], msg=name)

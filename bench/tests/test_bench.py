@@ -277,7 +277,7 @@ def test_plan_head_to_head_per_method():
                                    floors=True, routing=True, head_to_head=True)
     order = [(config["repeat"], config["library"], config["method"], config["libraries"]) for config in plan]
 
-    # One process per method, its libraries rotated as in the separate plan; no floors or routing.
+    # One process per method, its libraries rotated as in the separate plan. Floors and routing do not run.
     assert order == [
         (0, "head_to_head", "lora", ["adapterkit", "adapters", "peft"]),
         (0, "head_to_head", "mam", ["adapters", "adapterkit"]),
